@@ -1,0 +1,1 @@
+"""llm_jax: language-model pretraining in JAX/Flax."""

@@ -1,0 +1,216 @@
+"""The full config schema with defaults, and its validation.
+
+Every experiment file in configs/ starts from `base_config()` and overrides what it
+needs, so every key exists everywhere and `--config.a.b=v` can always be checked.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+# Logical axis name -> mesh axes. One table; changing the parallelism is a config edit.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+class ConfigError(ValueError):
+    """A user error in the config: reported in one line, exit code 2."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with defaults for a small CPU run."""
+    c = ml_collections.ConfigDict()
+    c.init_from = ""
+
+    c.model = m = ml_collections.ConfigDict()
+    m.family = "decoder"
+    m.num_layers = 4
+    m.d_model = 256
+    m.num_heads = 4
+    m.num_kv_heads = 0  # 0: same as num_heads (multi-head); fewer: grouped-query attention
+    m.head_dim = 0  # 0: d_model // num_heads
+    m.mlp_dim = 1024
+    m.activation = "gelu"  # gelu | swiglu | relu
+    m.norm = "layernorm"  # layernorm | rmsnorm
+    m.positions = "learned"  # learned | rope
+    m.rope_theta = 10000.0
+    m.max_len = 0  # learned positions table size; 0: data.seq_len
+    m.dropout = 0.0
+    m.tie_embeddings = True
+    m.use_bias = False
+    m.dtype = "bfloat16"  # compute dtype
+    m.param_dtype = "float32"
+    m.scan_layers = True
+    m.remat = "none"  # none | full | dots | dots_no_batch
+    m.attention_impl = "auto"  # auto | xla | cudnn  (cudnn: flash attention on NVIDIA GPUs)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "stdlib_source"
+    d.data_dir = "./data"
+    d.text_feature = "text"
+    d.train_split = "train"
+    d.eval_split = "validation"
+    d.seq_len = 256
+    d.vocab_size = 8192
+    d.tokenizer_path = ""  # empty: train on the train split on first use and cache
+    d.tokenizer_train_bytes = 8_000_000
+    d.worker_threads = 2
+    d.prefetch = 2
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.batch_size = 32  # global, in sequences
+    t.microbatches = 1  # gradient accumulation: batch_size is split into this many parts
+    t.seed = 0
+    t.log_every = 50
+    t.eval_every = 500
+    t.eval_batches = 0  # batches per periodic eval; 0: whole split. The final eval is whole.
+    t.checkpoint_every = 500
+    t.max_to_keep = 3
+    t.keep_every = 0  # also keep every K-th step's checkpoint (milestones); 0: off
+    t.on_nonfinite = "stop"  # stop | skip
+    t.peak_flops = 0.0  # FLOP/s of the whole host for MFU on CPU; 0: measure at start
+    t.progress = "auto"  # auto (bar on a terminal) | bar | lines
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = 1e-3
+    o.warmup_steps = 100
+    o.schedule = "cosine"  # cosine | linear | rsqrt | constant
+    o.end_lr_ratio = 0.1  # final lr as a fraction of the peak (cosine, linear)
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.grad_clip = 1.0  # global-norm clipping; 0: off
+
+    c.mesh = s = ml_collections.ConfigDict()
+    s.data = -1  # -1: all remaining devices
+    s.fsdp = 1
+    s.tensor = 1
+    s.rules = DEFAULT_RULES
+    return c
+
+
+CHOICES = {
+    "model.family": ("decoder",),
+    "model.activation": ("gelu", "swiglu", "relu"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.positions": ("learned", "rope"),
+    "model.dtype": ("bfloat16", "float32", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "train.progress": ("auto", "bar", "lines"),
+    "optim.schedule": ("cosine", "linear", "rsqrt", "constant"),
+}
+POSITIVE = (
+    "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
+    "data.seq_len", "data.vocab_size", "data.tokenizer_train_bytes", "data.prefetch",
+    "train.steps", "train.batch_size", "train.microbatches", "train.log_every",
+    "train.eval_every", "train.checkpoint_every", "train.max_to_keep",
+)
+NON_NEGATIVE = (
+    "model.num_kv_heads", "model.head_dim", "model.max_len", "model.dropout",
+    "data.worker_threads", "train.eval_batches", "train.keep_every", "train.peak_flops",
+    "optim.learning_rate", "optim.warmup_steps", "optim.end_lr_ratio", "optim.weight_decay",
+    "optim.grad_clip", "optim.eps",
+)
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All leaf keys as dotted paths, e.g. 'train.steps'."""
+    keys = []
+    for k, v in config.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            keys += flat_keys(v, path + ".")
+        else:
+            keys.append(path)
+    return keys
+
+
+def closest_keys(key: str, config: ml_collections.ConfigDict) -> str:
+    """A hint listing the valid keys closest to a mistyped one."""
+    keys = flat_keys(config)
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    if not near:  # fall back to keys sharing the last component or the section
+        last = key.split(".")[-1]
+        near = difflib.get_close_matches(last, keys, n=3, cutoff=0.3) or keys[:3]
+    return ", ".join(near)
+
+
+def get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values a user can get wrong; raises ConfigError with one line."""
+    for key, allowed in CHOICES.items():
+        if get(config, key) not in allowed:
+            raise ConfigError(f"config.{key}={get(config, key)!r} is not one of {allowed}")
+    for key in POSITIVE:
+        if not get(config, key) > 0:
+            raise ConfigError(f"config.{key}={get(config, key)!r} must be > 0")
+    for key in NON_NEGATIVE:
+        if not get(config, key) >= 0:
+            raise ConfigError(f"config.{key}={get(config, key)!r} must be >= 0")
+    m, t = config.model, config.train
+    if m.d_model % m.num_heads and not m.head_dim:
+        raise ConfigError(
+            f"config.model.d_model={m.d_model} is not divisible by model.num_heads="
+            f"{m.num_heads}; change one or set model.head_dim")
+    kv = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv:
+        raise ConfigError(
+            f"config.model.num_heads={m.num_heads} is not a multiple of "
+            f"model.num_kv_heads={kv}")
+    if m.positions == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
+        raise ConfigError("config.model.positions='rope' needs an even head_dim")
+    if m.positions == "learned" and m.max_len and m.max_len < config.data.seq_len:
+        raise ConfigError(
+            f"config.model.max_len={m.max_len} is below data.seq_len={config.data.seq_len}")
+    if m.dropout >= 1:
+        raise ConfigError(f"config.model.dropout={m.dropout} must be < 1")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} is not divisible by "
+            f"train.microbatches={t.microbatches}")
+    if config.data.seq_len < 2:
+        raise ConfigError("config.data.seq_len must be >= 2 to predict a next token")
+    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"config.mesh has more than one size of -1: {sizes}; set all but one")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"config.mesh sizes {sizes} must be positive or -1")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def write_json(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes the resolved config atomically to WORKDIR/config.json."""
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_json(config))
+    os.replace(tmp, path)
+    return path

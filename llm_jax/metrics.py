@@ -1,0 +1,131 @@
+"""Model FLOPs and MFU, peak FLOP/s, and metric writers (jsonl, TensorBoard, console).
+
+FLOPs (one place, used by training logs and the benchmark). Per token, with N the
+parameters that take part in matmuls (attention and MLP kernels and the LM head; not the
+input or position embeddings, which are lookups):
+    forward  = 2·N + 4·L·T·H·d_head      (QKᵀ and AV over the full T×T matrix, as XLA does)
+    training = 3 × forward = 6·N + 12·L·T·H·d_head
+MFU = achieved model FLOP/s ÷ peak FLOP/s of the devices used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax.models.layers import ModelConfig
+
+# bf16 dense peak per chip, FLOP/s, keyed by a substring of jax.Device.device_kind.
+PEAK_FLOPS = {
+    "A100": 312e12, "H100": 989e12, "H200": 989e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul for every token."""
+    attn = cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = cfg.d_model * cfg.mlp_dim * (3 if cfg.activation == "swiglu" else 2)
+    return cfg.num_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    attn = 4 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+    forward = 2 * matmul_params(cfg) + attn
+    return 3 * forward if training else forward
+
+
+def measure_cpu_peak(dtype: Any = jnp.bfloat16, n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of one n³ matmul (dtype inputs, f32 accumulation) on the first device."""
+    dev = jax.devices()[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), dev)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, a).block_until_ready()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        f(a, a).block_until_ready()
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - start)
+
+
+def peak_flops(configured: float, dtype: Any) -> tuple[float, str]:
+    """Total peak FLOP/s of the devices in use, and where the figure came from."""
+    dev = jax.devices()[0]
+    if configured > 0:
+        return configured, "config"
+    if dev.platform == "cpu":  # fake CPU devices share the host's cores: one host peak
+        return measure_cpu_peak(dtype), "measured"
+    for key, peak in PEAK_FLOPS.items():
+        if key.lower() in dev.device_kind.lower():
+            return peak * jax.device_count(), dev.device_kind
+    return 0.0, f"unknown device kind {dev.device_kind!r}"
+
+
+class Writer:
+    """Writes metric records to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl: TextIO | None = None
+        self._tb = None
+        if enabled:
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter  # TF-free event files
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split}
+        record.update({k: float(v) for k, v in values.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in values.items():
+            self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar with ETA on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int, mode: str = "auto", enabled: bool = True):
+        self.bar = None
+        self.enabled = enabled
+        use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+        if enabled and use_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_record(step: int, split: str, values: dict[str, float]) -> str:
+    parts = [f"{split} step {step}"]
+    for k, v in values.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)

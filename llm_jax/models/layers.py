@@ -1,0 +1,159 @@
+"""Shared Transformer parts: config, dense, embeddings, norms, MLP, rotary positions.
+
+Every parameter is created with logical axis names; `sharding.py` maps them to the mesh.
+Matmuls take inputs in the compute dtype and accumulate in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static model hyper-parameters (hashable, so Flax modules can hold it)."""
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    max_len: int
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    use_bias: bool = False
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = True
+    remat: str = "none"
+    attention_impl: str | None = None
+
+    @classmethod
+    def from_config(cls, m: ml_collections.ConfigDict, vocab_size: int,
+                    seq_len: int) -> "ModelConfig":
+        return cls(
+            vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
+            num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
+            head_dim=m.head_dim or m.d_model // m.num_heads, mlp_dim=m.mlp_dim,
+            max_len=m.max_len or seq_len, activation=m.activation, norm=m.norm,
+            positions=m.positions, rope_theta=m.rope_theta, dropout=m.dropout,
+            tie_embeddings=m.tie_embeddings, use_bias=m.use_bias,
+            dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+            scan_layers=m.scan_layers, remat=m.remat,
+            attention_impl=None if m.attention_impl == "auto" else m.attention_impl)
+
+
+def init_std(cfg: ModelConfig, residual_out: bool = False) -> float:
+    """GPT-2 init: N(0, 0.02), with residual projections scaled by 1/sqrt(2 * layers)."""
+    return 0.02 / (2 * cfg.num_layers) ** 0.5 if residual_out else 0.02
+
+
+class Dense(nn.Module):
+    """y = x · W (+ b) over the last `len(in_axes)` dims of x, with logical kernel axes."""
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    std: float = 0.02
+    use_bias: bool = False
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n_in = len(self.in_axes)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.std),
+                                         self.in_axes + self.out_axes),
+            x.shape[-n_in:] + tuple(self.features), self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        # bf16 inputs with f32 accumulation: the fast and accurate path on CPU, GPU and TPU.
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                (contract, ((), ())), preferred_element_type=jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.out_axes), tuple(self.features), self.param_dtype)
+            y = y + bias
+        return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table [vocab, embed]; `attend` gives tied output logits."""
+
+    num: int
+    features: int
+    axes: tuple[str, str] = ("vocab", "embed")
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+            (self.num, self.features), self.param_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Logits x · Eᵀ in float32."""
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+    """LayerNorm or RMSNorm; statistics are computed in float32 by Flax."""
+    scale = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=1e-6, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                          scale_init=scale, name=name)
+    bias = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
+    return nn.LayerNorm(epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        scale_init=scale, bias_init=bias, use_bias=True, name=name)
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward: GELU/ReLU, or SwiGLU (gated, as in LLaMA)."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        dense = lambda feats, ins, outs, name, std=init_std(cfg): Dense(  # noqa: E731
+            (feats,), ins, outs, std=std, use_bias=cfg.use_bias, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, name=name)
+        h = dense(cfg.mlp_dim, ("embed",), ("mlp",), "wi")(x)
+        if cfg.activation == "swiglu":
+            h = nn.silu(h) * dense(cfg.mlp_dim, ("embed",), ("mlp",), "wg")(x)
+        elif cfg.activation == "gelu":
+            h = nn.gelu(h)
+        else:
+            h = nn.relu(h)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        return dense(cfg.d_model, ("mlp",), ("embed",), "wo", init_std(cfg, True))(h)
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding (RoFormer), x: [batch, length, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None].astype(jnp.float32) * freq  # [batch, length, half]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)

@@ -1,0 +1,79 @@
+"""Checks `--config.a.b=value` overrides before absl parses them, for one-line errors."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+
+import ml_collections
+
+from llm_jax.config import closest_keys, flat_keys
+
+
+class UserError(ValueError):
+    """A mistake on the command line; reported in one line with exit code 2."""
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _load(path: str) -> ml_collections.ConfigDict:
+    if not os.path.isfile(path):
+        raise UserError(f"--config={path}: no such file; pick one in configs/")
+    spec = importlib.util.spec_from_file_location("_llm_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception as e:  # a broken config file is the user's to fix: say where
+        raise UserError(f"--config={path} failed to load: {type(e).__name__}: {e}") from None
+
+
+def _parse_value(raw: str, current: object, key: str) -> None:
+    """Raises UserError if raw cannot become the type of the current value."""
+    if isinstance(current, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise UserError(f"--config.{key}={raw!r}: expected true or false")
+        return
+    if isinstance(current, (int, float)):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(current, int) and ok and not float(value).is_integer():
+            ok = False
+        if not ok:
+            kind = type(current).__name__
+            raise UserError(f"--config.{key}={raw!r}: expected {kind} (now {current!r})")
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Validates every --config.KEY=VALUE in argv against the config file's keys and types."""
+    path, overrides = None, []
+    args = iter(argv[1:])
+    for arg in args:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config":
+            path = next(args, None)
+        elif arg.startswith("--config."):
+            key, sep, raw = arg[len("--config."):].partition("=")
+            if not sep:  # "--config.a.b value" form
+                raw = next(args, "")
+            overrides.append((key, raw))
+    if path is None:
+        if overrides:
+            raise UserError("--config.* overrides need --config=configs/NAME.py")
+        return
+    config = _load(path)
+    keys = set(flat_keys(config))
+    for key, raw in overrides:
+        if key not in keys:
+            raise UserError(f"--config.{key}: unknown key; closest valid keys: "
+                            f"{closest_keys(key, config)}")
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        _parse_value(raw, node, key)

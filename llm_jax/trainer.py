@@ -1,0 +1,212 @@
+"""run(config, workdir): wires mesh, data, model, optimizer and checkpoints, then loops.
+
+No math lives here: losses and updates are in steps.py, FLOPs in metrics.py.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from llm_jax import checkpoint, config as config_lib, evaluate, metrics, models, optim
+from llm_jax import sharding, steps
+from llm_jax.data import pipeline, sources, tokenizer
+from llm_jax.models.layers import ModelConfig
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient became NaN/inf and train.on_nonfinite is 'stop'."""
+
+
+def dummy_batch(batch_size: int, seq_len: int) -> dict[str, jax.Array]:
+    ids = jnp.zeros((batch_size, seq_len), jnp.int32)
+    return {"tokens": ids, "segment_ids": ids + 1,
+            "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), ids.shape)}
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
+               mesh: jax.sharding.Mesh, rule_table: tuple) -> tuple[Any, Any, Any]:
+    """Parameters and optimizer state born sharded: eval_shape → shardings → jit(init).
+
+    Returns (state, state shardings, abstract state with shardings for restoring).
+    """
+    def boxed_params(rng):
+        b = dummy_batch(1, seq_len)
+        return model.init(rng, b["tokens"], b["positions"], b["segment_ids"])["params"]
+
+    rng = jax.random.fold_in(jax.random.key(seed), 0x1517)  # the init stream
+    boxed = jax.eval_shape(boxed_params, rng)
+    param_sh = sharding.logical_shardings(boxed, mesh, rule_table)
+    abstract_params = jax.tree.map(lambda b: b.value, boxed,
+                                   is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    repl = sharding.replicated(mesh)
+    # Moments follow their parameter's sharding; counters and the like are replicated.
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: repl)
+    state_sh = steps.TrainState(step=repl, params=param_sh, opt_state=opt_sh, skipped=repl)
+
+    def init(rng):
+        params = nn.meta.unbox(boxed_params(rng))
+        return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32))
+
+    init_fn = jax.jit(init, out_shardings=state_sh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(init, rng), state_sh)
+    return init_fn(rng), state_sh, abstract
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: optax.Schedule,
+                   t: ml_collections.ConfigDict, state_sh: Any, batch_sh: Any,
+                   deterministic: bool = True) -> Any:
+    """The train step as one jit with explicit shardings; the state is donated."""
+    train = functools.partial(
+        steps.train_step, model=model, tx=tx, lr_schedule=lr, base_rng=jax.random.key(t.seed),
+        microbatches=t.microbatches, skip_nonfinite=t.on_nonfinite == "skip",
+        deterministic=deterministic)
+    repl = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                   donate_argnums=0)
+
+
+def jit_eval_step(model: nn.Module, token_bytes: np.ndarray, param_sh: Any,
+                  batch_sh: Any) -> Any:
+    evaluate_ = functools.partial(steps.eval_step, model=model,
+                                  token_bytes=jnp.asarray(token_bytes, jnp.float32))
+    repl = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(evaluate_, in_shardings=(param_sh, batch_sh), out_shardings=repl)
+
+
+class Trainer:
+    """Everything a run needs, built once from the config."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config_lib.validate(config)
+        self.config, self.workdir = config, workdir
+        self.is_main = jax.process_index() == 0
+        self.rules = sharding.rules(config.mesh)
+        self.mesh = sharding.make_mesh(config.mesh)
+        sharding.check_fits(config, self.mesh, self.rules)
+        self.tok = tokenizer.load_or_train(config.data)
+        self.model_cfg = ModelConfig.from_config(config.model, self.tok.vocab_size,
+                                                 config.data.seq_len)
+        self.model = models.build(self.model_cfg, config.model.family)
+        self.tx, self.lr = optim.make(config.optim, config.train.steps)
+        self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
+
+    def to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.batch_sh, v)
+                for k, v in local.items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains to config.train.steps (resuming from WORKDIR/checkpoints) and evaluates."""
+    t0 = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    tr = Trainer(config, workdir)
+    with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules):
+        return _loop(tr, config, workdir, t0)
+
+
+def _loop(tr: Trainer, config: ml_collections.ConfigDict, workdir: str,
+          t0: float) -> dict[str, float]:
+    t = config.train
+    if tr.is_main:
+        config_lib.write_json(config, workdir)
+    state, state_sh, abstract = init_state(tr.model, tr.tx, config.data.seq_len, t.seed,
+                                           tr.mesh, tr.rules)
+    train_fn = jit_train_step(tr.model, tr.tx, tr.lr, t, state_sh, tr.batch_sh,
+                              deterministic=tr.model_cfg.dropout == 0)
+    eval_fn = jit_eval_step(tr.model, tr.tok.token_bytes, state_sh.params, tr.batch_sh)
+    host_iter = pipeline.make_train_iterator(
+        config.data, tr.tok, seed=t.seed, global_batch_size=t.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = pipeline.DevicePrefetch(host_iter, tr.batch_sh, config.data.prefetch)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), t.max_to_keep,
+                                   t.keep_every)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_state = ckpt.restore(start, abstract)
+        data_iter.set_state(data_state)
+        print(f"resumed from {workdir}/checkpoints at step {start}", flush=True)
+    start = int(start or 0)
+    log = metrics.Progress(t.steps, start, t.progress, enabled=tr.is_main)
+    eval_local = pipeline.eval_batches(
+        config.data, tr.tok, global_batch_size=t.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    eval_global = [tr.to_global(b) for b in eval_local]
+    periodic = eval_global[:t.eval_batches] if t.eval_batches else eval_global
+
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    flops_tok = metrics.flops_per_token(tr.model_cfg, config.data.seq_len)
+    peak, peak_src = metrics.peak_flops(t.peak_flops, tr.model_cfg.dtype)
+    log.log(f"model: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token; "
+            f"mesh {dict(tr.mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s ({peak_src})")
+    writer = metrics.Writer(workdir, enabled=tr.is_main)
+
+    tokens_per_step = t.batch_size * config.data.seq_len
+    last_time, last_step = None, start
+    for step in range(start, t.steps):
+        batch = next(data_iter)
+        state, m = train_fn(state, batch)
+        if t.on_nonfinite == "stop" and not bool(m["finite"]):
+            ckpt.wait()
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}); "
+                f"stopped; the last good checkpoint is step {ckpt.latest_step()} in {workdir}")
+        done = step + 1
+        if last_time is None:  # the first step includes compilation: time from here on
+            jax.block_until_ready(state)
+            log.log(f"compiled and ran the first step in {time.perf_counter() - t0:.1f}s "
+                    "since start")
+            last_time, last_step = time.perf_counter(), done
+        elif done % t.log_every == 0 or done == t.steps:
+            m = jax.device_get(m)
+            now = time.perf_counter()
+            dt = (now - last_time) / max(done - last_step, 1)
+            last_time, last_step = now, done
+            tps = tokens_per_step / dt
+            record = {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
+                      "grad_norm": float(m["grad_norm"]), "param_norm": float(m["param_norm"]),
+                      "update_norm": float(m["update_norm"]), "tokens_per_sec": tps,
+                      "step_time_s": dt, "mfu": tps * flops_tok / peak if peak else 0.0,
+                      "skipped_steps": float(m["skipped_steps"])}
+            writer.write(done, "train", record)
+            log.log(metrics.format_record(done, "train", record))
+        if done % t.eval_every == 0 and done != t.steps:
+            ev = evaluate.run_eval(eval_fn, state.params, periodic)
+            _write_eval(writer, log, done, ev)
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            ckpt.save(done, state, data_iter.get_state(), config)
+        log.update(1)
+    log.close()
+    ckpt.close()
+
+    final = evaluate.run_eval(eval_fn, state.params, eval_global)
+    _write_eval(writer, log, t.steps, final)
+    writer.close()
+    if tr.is_main:
+        text = b"".join(sources.document_bytes(r, config.data)
+                        for r in sources.load_source(config.data, config.data.eval_split))
+        base = evaluate.compressor_bits_per_byte(text)
+        table = ", ".join(f"{k} {v:.3f}" for k, v in base.items())
+        print(f"final validation bits per byte: model {final['bits_per_byte']:.3f}; "
+              f"{table} (same {len(text):,} bytes)", flush=True)
+        final.update({f"{k} bpb": v for k, v in base.items()})
+    return final
+
+
+def _write_eval(writer: metrics.Writer, log: metrics.Progress, step: int,
+                ev: dict[str, float]) -> None:
+    record = {k: ev[k] for k in ("loss", "perplexity", "bits_per_byte", "accuracy")}
+    writer.write(step, "eval", record)
+    log.log(metrics.format_record(step, "eval", record))

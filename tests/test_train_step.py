@@ -1,0 +1,116 @@
+"""The sharded train step: same losses on every mesh; accumulation equals the full batch."""
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from llm_jax import optim, sharding, trainer
+from llm_jax.config import ConfigError
+from llm_jax.models import build
+from llm_jax.models.layers import ModelConfig
+
+SEQ = 32
+
+
+def tiny_config():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.data.seq_len = SEQ
+    c.data.vocab_size = 128
+    c.train.batch_size = 16
+    return c
+
+
+def synthetic_batches(n, batch, vocab=128, seed=0):
+    """Packed rows with two documents each, like the real pipeline's output."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        cut = rng.integers(4, SEQ - 4, batch)
+        idx = np.arange(SEQ)[None]
+        seg = np.where(idx < cut[:, None], 1, 2).astype(np.int32)
+        seg[0, -3:] = 0  # some padding
+        pos = np.where(idx < cut[:, None], idx, idx - cut[:, None]).astype(np.int32)
+        out.append({"tokens": rng.integers(0, vocab, (batch, SEQ)).astype(np.int32),
+                    "segment_ids": seg, "positions": pos})
+    return out
+
+
+def train_losses(config, devices, n_steps=3):
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules(config.mesh)
+    sharding.check_fits(config, mesh, rules)
+    cfg = ModelConfig.from_config(config.model, config.data.vocab_size, SEQ)
+    model = build(cfg)
+    tx, lr = optim.make(config.optim, config.train.steps)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, state_sh, _ = trainer.init_state(model, tx, SEQ, config.train.seed, mesh, rules)
+        step = trainer.jit_train_step(model, tx, lr, config.train, state_sh, batch_sh)
+        losses = []
+        for b in synthetic_batches(n_steps, config.train.batch_size):
+            state, m = step(state, jax.device_put(b, batch_sh))
+            losses.append(float(m["loss"]))
+        return np.array(losses), jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    c = tiny_config()
+    c.model.dtype = "float32"
+    return train_losses(c, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
+def test_meshes_give_the_same_losses(single_device, mesh):
+    c = tiny_config()
+    c.model.dtype = "float32"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    losses, params = train_losses(c, jax.devices())
+    np.testing.assert_allclose(losses, single_device[0], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 params, single_device[1])
+    assert losses[-1] < losses[0]
+
+
+def test_accumulation_matches_the_full_batch(single_device):
+    c = tiny_config()
+    c.model.dtype = "float32"
+    c.train.microbatches = 4
+    losses, params = train_losses(c, jax.devices()[:1])
+    np.testing.assert_allclose(losses, single_device[0], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 params, single_device[1])
+
+
+def test_parameters_are_born_sharded():
+    c = tiny_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    mesh = sharding.make_mesh(c.mesh)
+    rules = sharding.rules(c.mesh)
+    model = build(ModelConfig.from_config(c.model, 128, SEQ))
+    tx, _ = optim.make(c.optim, 10)
+    state, _, _ = trainer.init_state(model, tx, SEQ, 0, mesh, rules)
+    wi = state.params["decoder"]["layers"]["mlp"]["wi"]["kernel"]  # [layers, embed, mlp]
+    assert wi.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    mu = state.opt_state[1][0].mu["decoder"]["layers"]["mlp"]["wi"]["kernel"]
+    assert mu.sharding.spec == wi.sharding.spec
+    assert len(wi.addressable_shards) == 8 and wi.addressable_shards[0].data.shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"data": 3, "fsdp": 1, "tensor": 1}, "needs 3 devices"),
+    ({"data": 1, "fsdp": 1, "tensor": 8}, "num_heads=4"),
+    ({"data": 8, "fsdp": 1, "tensor": 1, "batch": 12}, "batch_size=12"),
+])
+def test_a_mesh_that_does_not_fit_is_refused_before_compiling(override, needle):
+    c = tiny_config()
+    c.train.batch_size = override.pop("batch", 16)
+    for k, v in override.items():
+        c.mesh[k] = v
+    with pytest.raises(ConfigError, match=needle):
+        mesh = sharding.make_mesh(c.mesh)
+        sharding.check_fits(c, mesh, sharding.rules(c.mesh))
