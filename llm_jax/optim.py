@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -18,7 +19,8 @@ def schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     elif o.schedule == "linear":
         decay = optax.linear_schedule(peak, end, decay_steps)
     elif o.schedule == "rsqrt":
-        decay = lambda step: peak * (max(warmup, 1) / (step + max(warmup, 1))) ** 0.5  # noqa: E731
+        w = max(warmup, 1)
+        decay = lambda step: peak * jnp.sqrt(w / jnp.maximum(step + w, 1))  # noqa: E731
     else:
         decay = optax.constant_schedule(peak)
     if warmup == 0:

@@ -1,0 +1,66 @@
+"""Config overrides from the command line, and their one-line errors (exit code 2)."""
+import subprocess
+import sys
+
+import pytest
+
+from llm_jax import config as config_lib
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "llm_jax.train", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.train.stepz=5", "train.steps"),
+    ("--config.modle.d_model=8", "model.d_model"),
+    ("--config.train.steps=abc", "expected int"),
+    ("--config.train.steps=1.5", "expected int"),
+    ("--config.optim.learning_rate=fast", "expected float"),
+    ("--config.model.scan_layers=maybe", "true or false"),
+])
+def test_bad_overrides_fail_in_one_line(tmp_path, override, needle):
+    r = cli("--config=configs/tiny.py", f"--workdir={tmp_path}", override)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.model.activation=tanh", "model.activation"),
+    ("--config.train.batch_size=-4", "train.batch_size"),
+    ("--config.mesh.data=3", "needs 3 devices"),
+    ("--config.train.microbatches=3", "microbatches"),
+    ("--config.mesh.fsdp=-1", "more than one size of -1"),
+])
+def test_bad_values_fail_in_one_line(tmp_path, override, needle):
+    r = cli("--config=configs/tiny.py", f"--workdir={tmp_path}", override)
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.strip().splitlines() if x.startswith("error")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    r = cli("--config=configs/nope.py", f"--workdir={tmp_path}")
+    assert r.returncode == 2 and "configs/nope.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_closest_keys_suggests_neighbours():
+    hint = config_lib.closest_keys("train.batchsize", config_lib.base_config())
+    assert "train.batch_size" in hint
+
+
+def test_validate_accepts_every_shipped_config():
+    import importlib.util
+    import pathlib
+    for path in sorted(pathlib.Path("configs").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        c = mod.get_config()
+        config_lib.validate(c)
+        assert path.read_text().lstrip().startswith('"""'), path
+        head = path.read_text()[:1500]
+        assert "Command:" in head and "Runtime:" in head and "Expected:" in head, path

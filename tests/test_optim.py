@@ -1,0 +1,41 @@
+"""Schedules and the weight-decay mask, against the formulas written out."""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import optim
+from llm_jax.config import base_config
+
+
+def opt_cfg(**kw):
+    o = base_config().optim
+    o.update(kw)
+    return o
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "rsqrt", "constant"])
+def test_schedule_warms_up_then_decays(kind):
+    o = opt_cfg(schedule=kind, learning_rate=1.0, warmup_steps=10, end_lr_ratio=0.1)
+    lr = optim.schedule(o, 110)
+    assert float(lr(0)) == 0.0 and math.isclose(float(lr(5)), 0.5, rel_tol=1e-6)
+    assert math.isclose(float(lr(10)), 1.0, rel_tol=1e-6)
+    later = [float(lr(s)) for s in range(10, 111, 10)]
+    assert all(a >= b - 1e-7 for a, b in zip(later, later[1:]))
+    expected_end = {"cosine": 0.1, "linear": 0.1, "rsqrt": (10 / 110) ** 0.5, "constant": 1.0}
+    assert math.isclose(later[-1], expected_end[kind], rel_tol=1e-4)
+    if kind == "cosine":  # halfway through the decay: (1 + cos(pi/2)) / 2 between end and peak
+        assert math.isclose(float(lr(60)), 0.1 + 0.9 * 0.5, rel_tol=1e-4)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    o = opt_cfg(learning_rate=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5,
+                grad_clip=0.0)
+    tx, _ = optim.make(o, 10)
+    params = {"kernel": jnp.ones((2, 3)), "scale": jnp.ones((3,)), "bias": jnp.ones((3,))}
+    zeros = {k: jnp.zeros_like(v) for k, v in params.items()}
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(updates["scale"], 0.0)
+    np.testing.assert_allclose(updates["bias"], 0.0)
