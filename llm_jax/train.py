@@ -5,16 +5,45 @@ values, meshes, missing data) end with exit code 2 and one line; tracebacks mean
 """
 from __future__ import annotations
 
+import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llm_jax.overrides import UserError, check_overrides, one_line
 
+EXIT_NONFINITE = 3  # the loss or gradients became NaN/inf (train.on_nonfinite=stop)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize(): auto = when a coordinator or a multi-process cluster "
+    "(SLURM, Open MPI, multi-host TPU) is detected.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def _multi_process_env() -> bool:
+    env = os.environ
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")
+                or int(env.get("SLURM_NTASKS", "1")) > 1
+                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def _initialize_distributed() -> None:
+    """Joins a multi-process job; JAX detects TPU pods, SLURM and Open MPI by itself."""
+    import jax
+    if _DISTRIBUTED.value == "off":
+        return
+    if _DISTRIBUTED.value == "on" or _COORDINATOR.value or _multi_process_env():
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
 
 
 def _parse(argv: list[str]) -> list[str]:
@@ -33,6 +62,9 @@ def _parse(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every file at INFO
+        logging.set_verbosity(logging.WARNING)
+    _initialize_distributed()
     from llm_jax import trainer  # heavy imports after the flags are known to be good
     from llm_jax.config import ConfigError
     from llm_jax.data.sources import DataError
@@ -41,6 +73,9 @@ def main(argv: list[str]) -> None:
     except (ConfigError, DataError) as e:
         sys.stderr.write(f"error: {one_line(e)}\n")
         sys.exit(2)
+    except trainer.NonFiniteError as e:
+        sys.stderr.write(f"error: {one_line(e)}\n")
+        sys.exit(EXIT_NONFINITE)
 
 
 if __name__ == "__main__":

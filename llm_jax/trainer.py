@@ -182,11 +182,17 @@ def _loop(tr: Trainer, config: ml_collections.ConfigDict, workdir: str,
                       "skipped_steps": float(m["skipped_steps"])}
             writer.write(done, "train", record)
             log.log(metrics.format_record(done, "train", record))
+        paused = False
         if done % t.eval_every == 0 and done != t.steps:
             ev = evaluate.run_eval(eval_fn, state.params, periodic)
             _write_eval(writer, log, done, ev)
+            paused = True
         if done % t.checkpoint_every == 0 or done == t.steps:
             ckpt.save(done, state, data_iter.get_state(), config)
+            paused = True
+        if paused and last_time is not None:  # keep eval and saving out of tokens/s
+            jax.block_until_ready(state)
+            last_time, last_step = time.perf_counter(), done
         log.update(1)
     log.close()
     ckpt.close()

@@ -1,0 +1,155 @@
+"""python -m llm_jax.benchmark --config configs/NAME.py [--steps N] [--json OUT] [--no_pipeline]
+
+Times the real train step (model, optimizer, shardings, donation) and eval step on
+synthetic tokens of the configured shapes, and the input pipeline alone.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after warm-up.")
+_JSON = flags.DEFINE_string("json", None, "Write the results as one JSON object here.")
+_PIPELINE = flags.DEFINE_bool("pipeline", True, "Also time the input pipeline alone.")
+
+
+def peak_host_mem_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(fn, args_fn, steps: int) -> tuple[float, list[float], object]:
+    """First-call seconds, per-step seconds for `steps` more calls, and the last output."""
+    import jax
+    start = time.perf_counter()
+    out = fn(*args_fn(None))
+    jax.block_until_ready(out)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = fn(*args_fn(out))
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return first, times, out
+
+
+def benchmark(config, steps: int, pipeline: bool) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from llm_jax import config as config_lib, metrics, models, optim, sharding, trainer
+    from llm_jax.models.layers import ModelConfig
+
+    config_lib.validate(config)
+    t, seq = config.train, config.data.seq_len
+    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+    sharding.check_fits(config, mesh, rules)
+    cfg = ModelConfig.from_config(config.model, config.data.vocab_size, seq)
+    model = models.build(cfg, config.model.family)
+    tx, lr = optim.make(config.optim, t.steps)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (t.batch_size, seq)).astype(np.int32)
+    batch = jax.device_put({"tokens": tokens, "segment_ids": np.ones_like(tokens),
+                            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32),
+                                                         tokens.shape).copy()}, batch_sh)
+    res: dict = {"config": config.model.to_dict(), "devices": jax.device_count(),
+                 "device_kind": jax.devices()[0].device_kind, "batch_size": t.batch_size,
+                 "seq_len": seq}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        start = time.perf_counter()
+        state, state_sh, _ = trainer.init_state(model, tx, seq, t.seed, mesh, rules)
+        train_fn = trainer.jit_train_step(model, tx, lr, t, state_sh, batch_sh)
+        compiled = train_fn.lower(state, batch).compile()
+        res["compile_s"] = time.perf_counter() - start
+        holder = {"state": state}
+
+        def train_args(out):
+            if out is not None:
+                holder["state"] = out[0]
+            return holder["state"], batch
+
+        first, times, last = time_steps(compiled, train_args, steps)
+        train_args(last)
+        res["first_step_s"] = res["compile_s"] + first
+        eval_fn = trainer.jit_eval_step(model, np.ones(cfg.vocab_size), state_sh.params,
+                                        batch_sh)
+        _, eval_times, _ = time_steps(eval_fn, lambda _: (holder["state"].params, batch), steps)
+    tokens_per_step = t.batch_size * seq
+    med = statistics.median(times)
+    flops = metrics.flops_per_token(cfg, seq)
+    peak, peak_src = metrics.peak_flops(t.peak_flops, cfg.dtype)
+    res.update({
+        "step_time_median_s": med, "step_time_min_s": min(times), "step_time_max_s": max(times),
+        "tokens_per_sec": tokens_per_step / med,
+        "tokens_per_sec_min": tokens_per_step / max(times),
+        "tokens_per_sec_max": tokens_per_step / min(times),
+        "model_flops_per_token": flops, "peak_flops": peak, "peak_source": peak_src,
+        "mfu": tokens_per_step / med * flops / peak if peak else None,
+        "eval_tokens_per_sec": tokens_per_step / statistics.median(eval_times),
+        "eval_mfu": (tokens_per_step / statistics.median(eval_times)
+                     * metrics.flops_per_token(cfg, seq, training=False) / peak)
+        if peak else None,
+    })
+    if jax.devices()[0].platform != "cpu":
+        stats = [d.memory_stats() or {} for d in jax.local_devices()]
+        res["device_peak_mem_mb"] = max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**20
+    if pipeline:
+        from llm_jax.data import pipeline as data_pipeline, tokenizer
+        tok = tokenizer.load_or_train(config.data)
+        res["pipeline_tokens_per_sec"] = data_pipeline.measure_throughput(
+            config.data, tok, t.batch_size, seconds=10)
+        res["pipeline_vs_train"] = res["pipeline_tokens_per_sec"] / res["tokens_per_sec"]
+    res["peak_host_mem_mb"] = peak_host_mem_mb()
+    return res
+
+
+def format_table(res: dict) -> str:
+    rows = [
+        ("compile (s)", f"{res['compile_s']:.1f}"),
+        ("time to first step (s)", f"{res['first_step_s']:.1f}"),
+        ("train tokens/s (median)", f"{res['tokens_per_sec']:,.0f}"),
+        ("train tokens/s (min-max)",
+         f"{res['tokens_per_sec_min']:,.0f}-{res['tokens_per_sec_max']:,.0f}"),
+        ("step time median (s)", f"{res['step_time_median_s']:.3f}"),
+        ("model MFLOP/token", f"{res['model_flops_per_token'] / 1e6:.1f}"),
+        ("peak GFLOP/s", f"{res['peak_flops'] / 1e9:,.0f} ({res['peak_source']})"),
+        ("MFU", f"{res['mfu']:.1%}" if res["mfu"] is not None else "n/a (unknown device)"),
+        ("eval tokens/s", f"{res['eval_tokens_per_sec']:,.0f}"),
+        ("peak host memory (MB)", f"{res['peak_host_mem_mb']:,.0f}"),
+    ]
+    if "device_peak_mem_mb" in res:
+        rows.append(("peak device memory (MB)", f"{res['device_peak_mem_mb']:,.0f}"))
+    if "pipeline_tokens_per_sec" in res:
+        rows.append(("input pipeline tokens/s", f"{res['pipeline_tokens_per_sec']:,.0f} "
+                     f"({res['pipeline_vs_train']:.0f}x training)"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from llm_jax.config import ConfigError
+    try:
+        res = benchmark(_CONFIG.value, _STEPS.value, _PIPELINE.value)
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    print(format_table(res))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Data layer: corpora, tokenizer, packing and the grain input pipeline."""
