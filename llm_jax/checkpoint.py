@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable workdir): stop the run."""
 
 
 class _IteratorState:
@@ -35,11 +43,12 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 3, keep_every: int = 0,
                  async_save: bool = True):
+        self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None, create=True,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory), options=options,
+            self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler(),
                            "config": ocp.JsonCheckpointHandler()})
@@ -49,10 +58,16 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict,
              config: ml_collections.ConfigDict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
-            config=ocp.args.JsonSave(config.to_dict())), force=True)
+        """Starts an async save; an error of this or the previous save stops the run."""
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
+                config=ocp.args.JsonSave(config.to_dict())), force=True)
+        except Exception as e:  # surfaced here or by wait(): never train on without saves
+            raise CheckpointError(f"saving checkpoint {step} in {self.directory} failed: "
+                                  f"{type(e).__name__}: {_short(e)}; the earlier "
+                                  "checkpoints are intact") from e
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """State onto the shardings in `abstract_state`, and the data iterator's state."""
@@ -61,13 +76,58 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointRestore(_IteratorState())))
         return out.state, out.data.state
 
-    def saved_config(self, step: int) -> dict:
-        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return out.config
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
+        """The newest checkpoint that reads back whole; older ones if it does not."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return (*self.restore(step, abstract_state), step)
+            except Exception as e:  # a damaged checkpoint must not end the run: fall back
+                aside = self._quarantine(step)
+                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
+                      f"{_short(e)[:200]}); moved to {aside}; trying an older one",
+                      flush=True)
+        return None
+
+    def _quarantine(self, step: int) -> str:
+        """Moves a damaged step out of the manager's sight (kept, not deleted)."""
+        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints",
+                             f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), aside)
+        multihost_utils.sync_global_devices(f"quarantine {step}")
+        self.manager.reload()
+        return aside
+
+    def saved_config(self) -> dict | None:
+        """The config stored with the newest checkpoint that has a readable one."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.manager.restore(
+                    step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+            except Exception:  # damaged: restore_latest reports it; look further back
+                continue
+        return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the last save is durable; raises CheckpointError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
+                                  f"{type(e).__name__}: {_short(e)}; the earlier "
+                                  "checkpoints are intact") from e
+
+    def wait_and_latest(self) -> int | None:
+        self.wait()
+        return self.latest_step()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]

@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.vocab_size = 8192
     d.tokenizer_path = ""  # empty: train on the train split on first use and cache
     d.tokenizer_train_bytes = 8_000_000
+    d.tokenizer_pieces = "spans"  # spans: pieces may cross spaces ("):\n    ") | words
     d.worker_threads = 2
     d.prefetch = 2
 
@@ -107,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 CHOICES = {
     "model.family": ("decoder",),
+    "data.tokenizer_pieces": ("spans", "words"),
     "model.activation": ("gelu", "swiglu", "relu"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.positions": ("learned", "rope"),
@@ -200,6 +202,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.mesh has more than one size of -1: {sizes}; set all but one")
     if any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"config.mesh sizes {sizes} must be positive or -1")
+
+
+# Keys that may differ between the runs of one workdir: where data lives and how fast it
+# is read do not change what is trained.
+RESUMABLE_DIFFERENCES = ("data.data_dir", "data.worker_threads", "data.prefetch")
+
+
+def check_same_run(config: ml_collections.ConfigDict, saved: dict, workdir: str) -> None:
+    """Refuses a config whose model or data differ from the checkpoints in the workdir."""
+    saved_cfg = ml_collections.ConfigDict(saved)
+    diffs = []
+    for key in flat_keys(config):
+        if not key.startswith(("model.", "data.")) or key in RESUMABLE_DIFFERENCES:
+            continue
+        try:
+            old = get(saved_cfg, key)
+        except (KeyError, AttributeError):
+            diffs.append(f"{key} (new key)")
+            continue
+        if old != get(config, key):
+            diffs.append(f"{key}: {old!r} in the checkpoints, {get(config, key)!r} now")
+    if diffs:
+        raise ConfigError(f"{workdir} holds a run with a different model or data: "
+                          f"{'; '.join(diffs)}; use a new --workdir or the same config")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

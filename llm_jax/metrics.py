@@ -71,12 +71,14 @@ def peak_flops(configured: float, dtype: Any) -> tuple[float, str]:
 class Writer:
     """Writes metric records to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self._jsonl: TextIO | None = None
         self._tb = None
         if enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_records_after(path, resume_step)
+            self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter  # TF-free event files
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -95,6 +97,53 @@ class Writer:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """After a resume from `step`, the records of steps that will be redone go (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+            continue
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def train_record(m: dict[str, Any], tokens_per_sec: float, step_time: float,
+                 flops_per_tok: float, peak: float) -> dict[str, float]:
+    """The logged train metrics from the step's outputs (already on the host)."""
+    return {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
+            "grad_norm": float(m["grad_norm"]), "param_norm": float(m["param_norm"]),
+            "update_norm": float(m["update_norm"]), "tokens_per_sec": tokens_per_sec,
+            "step_time_s": step_time,
+            "mfu": tokens_per_sec * flops_per_tok / peak if peak else 0.0,
+            "skipped_steps": float(m["skipped_steps"])}
+
+
+class StepTimer:
+    """Seconds per step between log points; restarted after compilation, eval and saves."""
+
+    def __init__(self, step: int):
+        self._time = time.perf_counter()
+        self._step = step
+
+    def restart(self, step: int) -> None:
+        self._time, self._step = time.perf_counter(), step
+
+    def per_step(self, step: int) -> float:
+        now = time.perf_counter()
+        dt = (now - self._time) / max(step - self._step, 1)
+        self._time, self._step = now, step
+        return dt
 
 
 class Progress:

@@ -14,6 +14,7 @@ from ml_collections import config_flags
 from llm_jax.overrides import UserError, check_overrides, one_line
 
 EXIT_NONFINITE = 3  # the loss or gradients became NaN/inf (train.on_nonfinite=stop)
+EXIT_CHECKPOINT = 4  # a checkpoint could not be written (disk full, unwritable workdir)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -66,16 +67,17 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     _initialize_distributed()
     from llm_jax import trainer  # heavy imports after the flags are known to be good
+    from llm_jax.checkpoint import CheckpointError
     from llm_jax.config import ConfigError
     from llm_jax.data.sources import DataError
+    from llm_jax.preemption import EXIT_PREEMPTED, Preempted
+    codes = ((ConfigError, 2), (DataError, 2), (trainer.NonFiniteError, EXIT_NONFINITE),
+             (CheckpointError, EXIT_CHECKPOINT), (Preempted, EXIT_PREEMPTED))
     try:
         trainer.run(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, DataError) as e:
+    except tuple(c for c, _ in codes) as e:
         sys.stderr.write(f"error: {one_line(e)}\n")
-        sys.exit(2)
-    except trainer.NonFiniteError as e:
-        sys.stderr.write(f"error: {one_line(e)}\n")
-        sys.exit(EXIT_NONFINITE)
+        sys.exit(next(code for c, code in codes if isinstance(e, c)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from llm_jax import checkpoint, config as config_lib, evaluate, metrics, models, optim
-from llm_jax import sharding, steps
+from llm_jax import preemption, sharding, steps
 from llm_jax.data import pipeline, sources, tokenizer
 from llm_jax.models.layers import ModelConfig
 
@@ -90,7 +90,6 @@ class Trainer:
     """Everything a run needs, built once from the config."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        config_lib.validate(config)
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         self.rules = sharding.rules(config.mesh)
@@ -111,17 +110,25 @@ class Trainer:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains to config.train.steps (resuming from WORKDIR/checkpoints) and evaluates."""
     t0 = time.perf_counter()
+    config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep,
+                                   config.train.keep_every)
+    saved = ckpt.saved_config()
+    if saved is not None:  # a workdir holds one run: refuse before touching anything
+        config_lib.check_same_run(config, saved, workdir)
     tr = Trainer(config, workdir)
-    with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules):
-        return _loop(tr, config, workdir, t0)
+    with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules), \
+            preemption.Watcher() as watcher:
+        try:
+            return _train(tr, ckpt, watcher, t0)
+        finally:
+            ckpt.close()
 
 
-def _loop(tr: Trainer, config: ml_collections.ConfigDict, workdir: str,
-          t0: float) -> dict[str, float]:
-    t = config.train
-    if tr.is_main:
-        config_lib.write_json(config, workdir)
+def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watcher,
+           t0: float) -> dict[str, float]:
+    config, workdir, t = tr.config, tr.workdir, tr.config.train
     state, state_sh, abstract = init_state(tr.model, tr.tx, config.data.seq_len, t.seed,
                                            tr.mesh, tr.rules)
     train_fn = jit_train_step(tr.model, tr.tx, tr.lr, t, state_sh, tr.batch_sh,
@@ -131,14 +138,16 @@ def _loop(tr: Trainer, config: ml_collections.ConfigDict, workdir: str,
         config.data, tr.tok, seed=t.seed, global_batch_size=t.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = pipeline.DevicePrefetch(host_iter, tr.batch_sh, config.data.prefetch)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), t.max_to_keep,
-                                   t.keep_every)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state = ckpt.restore(start, abstract)
+    start = 0
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        state, data_state, start = restored
         data_iter.set_state(data_state)
-        print(f"resumed from {workdir}/checkpoints at step {start}", flush=True)
-    start = int(start or 0)
+        if tr.is_main:
+            print(f"resumed from {workdir}/checkpoints at step {start}", flush=True)
+    if tr.is_main:
+        config_lib.write_json(config, workdir)
+    writer = metrics.Writer(workdir, enabled=tr.is_main, resume_step=start)
     log = metrics.Progress(t.steps, start, t.progress, enabled=tr.is_main)
     eval_local = pipeline.eval_batches(
         config.data, tr.tok, global_batch_size=t.batch_size,
@@ -151,51 +160,45 @@ def _loop(tr: Trainer, config: ml_collections.ConfigDict, workdir: str,
     peak, peak_src = metrics.peak_flops(t.peak_flops, tr.model_cfg.dtype)
     log.log(f"model: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token; "
             f"mesh {dict(tr.mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s ({peak_src})")
-    writer = metrics.Writer(workdir, enabled=tr.is_main)
 
     tokens_per_step = t.batch_size * config.data.seq_len
-    last_time, last_step = None, start
+    timer = metrics.StepTimer(start)
     for step in range(start, t.steps):
-        batch = next(data_iter)
-        state, m = train_fn(state, batch)
-        if t.on_nonfinite == "stop" and not bool(m["finite"]):
-            ckpt.wait()
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {step + 1} (loss={float(m['loss'])}); "
-                f"stopped; the last good checkpoint is step {ckpt.latest_step()} in {workdir}")
+        state, m = train_fn(state, next(data_iter))
         done = step + 1
-        if last_time is None:  # the first step includes compilation: time from here on
-            jax.block_until_ready(state)
-            log.log(f"compiled and ran the first step in {time.perf_counter() - t0:.1f}s "
-                    "since start")
-            last_time, last_step = time.perf_counter(), done
-        elif done % t.log_every == 0 or done == t.steps:
+        if t.on_nonfinite == "stop" and not bool(m["finite"]):
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {done} (loss={float(m['loss'])}); "
+                f"stopped; the last good checkpoint is step {ckpt.wait_and_latest()} in "
+                f"{workdir}")
+        if done % t.log_every == 0 or done == t.steps or done == start + 1:
             m = jax.device_get(m)
-            now = time.perf_counter()
-            dt = (now - last_time) / max(done - last_step, 1)
-            last_time, last_step = now, done
-            tps = tokens_per_step / dt
-            record = {"loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
-                      "grad_norm": float(m["grad_norm"]), "param_norm": float(m["param_norm"]),
-                      "update_norm": float(m["update_norm"]), "tokens_per_sec": tps,
-                      "step_time_s": dt, "mfu": tps * flops_tok / peak if peak else 0.0,
-                      "skipped_steps": float(m["skipped_steps"])}
+            dt = timer.per_step(done)  # the first interval includes compiling
+            if done == start + 1:
+                log.log(f"compiled and ran the first step in {time.perf_counter() - t0:.1f}s "
+                        "since start")
+            record = metrics.train_record(m, tokens_per_step / dt, dt, flops_tok, peak)
             writer.write(done, "train", record)
             log.log(metrics.format_record(done, "train", record))
         paused = False
         if done % t.eval_every == 0 and done != t.steps:
-            ev = evaluate.run_eval(eval_fn, state.params, periodic)
-            _write_eval(writer, log, done, ev)
+            _write_eval(writer, log, done, evaluate.run_eval(eval_fn, state.params, periodic))
             paused = True
-        if done % t.checkpoint_every == 0 or done == t.steps:
+        stop = watcher.should_stop(done)
+        if done % t.checkpoint_every == 0 or done == t.steps or stop:
             ckpt.save(done, state, data_iter.get_state(), config)
             paused = True
-        if paused and last_time is not None:  # keep eval and saving out of tokens/s
+        if stop:
+            ckpt.wait()
+            log.close()
+            raise preemption.Preempted(f"stopped by SIGTERM after step {done}; checkpoint "
+                                       f"{done} is saved in {workdir}; rerun to continue")
+        if paused:  # keep eval and saving out of tokens/s
             jax.block_until_ready(state)
-            last_time, last_step = time.perf_counter(), done
+            timer.restart(done)
         log.update(1)
     log.close()
-    ckpt.close()
+    ckpt.wait()
 
     final = evaluate.run_eval(eval_fn, state.params, eval_global)
     _write_eval(writer, log, t.steps, final)

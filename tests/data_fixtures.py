@@ -27,6 +27,7 @@ def make_cfg(data_dir: str, **overrides) -> ml_collections.ConfigDict:
             vocab_size=512,
             tokenizer_path="",
             tokenizer_train_bytes=300_000,
+            tokenizer_pieces="spans",
             worker_threads=1,
             prefetch=2,
         )

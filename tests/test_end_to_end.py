@@ -39,7 +39,7 @@ def test_tiny_run_learns_and_writes_metrics_events_checkpoints(tiny_run):
         assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"} <= set(rec)
     for rec in eval_recs:
         assert {"step", "loss", "perplexity", "bits_per_byte"} <= set(rec)
-    assert [x["step"] for x in train_recs] == [5, 10, 15, 20, 25, 30]
+    assert [x["step"] for x in train_recs] == [1, 5, 10, 15, 20, 25, 30]
     assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.5  # it learns
     assert eval_recs[-1]["step"] == 30 and eval_recs[-1]["loss"] < eval_recs[0]["loss"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
@@ -54,7 +54,7 @@ def test_rerun_continues_from_the_checkpoint(tiny_run, data_cfg):  # noqa: F811
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 30" in r.stdout
     steps = [x["step"] for x in records(workdir) if x["split"] == "train"]
-    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # nothing before 30 was redone
+    assert steps == [1, 5, 10, 15, 20, 25, 30, 31, 35, 40]  # nothing before 30 was redone
     assert "40" in os.listdir(workdir / "checkpoints")
 
 

@@ -163,6 +163,11 @@ def _training_text(data_cfg: ml_collections.ConfigDict) -> Iterator[str]:
         yield from training_chunks(doc)
 
 
+def settings(data_cfg: ml_collections.ConfigDict) -> dict[str, object]:
+    """TRAINER_SETTINGS with the config's choice of pieces: 'words' stop at spaces."""
+    return dict(TRAINER_SETTINGS, split_by_whitespace=data_cfg.tokenizer_pieces == "words")
+
+
 def train(data_cfg: ml_collections.ConfigDict) -> bytes:
     """Train a model on the train split; returns the serialized model proto."""
     model = io.BytesIO()
@@ -172,7 +177,7 @@ def train(data_cfg: ml_collections.ConfigDict) -> bytes:
             model_writer=model,
             vocab_size=int(data_cfg.vocab_size),
             num_threads=os.cpu_count() or 1,
-            **{"minloglevel": 2, **TRAINER_SETTINGS},
+            **{"minloglevel": 2, **settings(data_cfg)},
         )
     except RuntimeError as e:  # e.g. a vocab too small for 256 byte pieces + characters
         reason = " ".join(str(e).split())
@@ -187,7 +192,7 @@ def cache_path(data_cfg: ml_collections.ConfigDict) -> str:
     """Where the tokenizer trained for these settings is cached."""
     key = json.dumps(
         dict(
-            TRAINER_SETTINGS,
+            settings(data_cfg),
             name=data_cfg.name,
             split=data_cfg.train_split,
             feature=data_cfg.text_feature,
