@@ -44,6 +44,7 @@ class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 3, keep_every: int = 0,
                  async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self._pending: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None, create=True,
             enable_async_checkpointing=async_save)
@@ -58,16 +59,18 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict,
              config: ml_collections.ConfigDict) -> None:
-        """Starts an async save; an error of this or the previous save stops the run."""
+        """Starts an async save once the previous one is durable; failures stop the run."""
+        self.wait()  # an error of the previous save is reported against its own step
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
                 config=ocp.args.JsonSave(config.to_dict())), force=True)
-        except Exception as e:  # surfaced here or by wait(): never train on without saves
+        except Exception as e:  # never train on without checkpoints
             raise CheckpointError(f"saving checkpoint {step} in {self.directory} failed: "
                                   f"{type(e).__name__}: {_short(e)}; the earlier "
                                   "checkpoints are intact") from e
+        self._pending = step
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """State onto the shardings in `abstract_state`, and the data iterator's state."""
@@ -114,8 +117,8 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
-                                  f"{type(e).__name__}: {_short(e)}; the earlier "
+            raise CheckpointError(f"saving checkpoint {self._pending} in {self.directory} "
+                                  f"failed: {type(e).__name__}: {_short(e)}; the earlier "
                                   "checkpoints are intact") from e
 
     def wait_and_latest(self) -> int | None:
@@ -130,4 +133,6 @@ class Checkpointer:
 
 
 def _short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
+    """One line; long messages keep their head and their tail, where the OS error is."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 320 else f"{text[:120]} ... {text[-180:]}"

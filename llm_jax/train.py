@@ -2,30 +2,59 @@
 
 Thin on purpose: flags in, `trainer.run(config, workdir)` out. User errors (bad keys,
 values, meshes, missing data) end with exit code 2 and one line; tracebacks mean bugs.
+Exit codes: 0 done, 2 user error, 3 non-finite loss, 4 checkpoint write failed,
+75 preempted by SIGTERM after saving (rerun to continue).
 """
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llm_jax.overrides import UserError, check_overrides, one_line
 
+EXIT_USER = 2
 EXIT_NONFINITE = 3  # the loss or gradients became NaN/inf (train.on_nonfinite=stop)
 EXIT_CHECKPOINT = 4  # a checkpoint could not be written (disk full, unwritable workdir)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "jax.distributed.initialize(): auto = when a coordinator or a multi-process cluster "
-    "(SLURM, Open MPI, multi-host TPU) is detected.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+def define_flags(fv: flags.FlagValues) -> None:
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                    lock_config=True, flag_values=fv)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.",
+                        flag_values=fv)
+    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                      "jax.distributed.initialize(): auto = when a coordinator or a "
+                      "multi-process cluster (SLURM, Open MPI, multi-host TPU) is detected.",
+                      flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0.", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Processes in the job.", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=fv)
+
+
+def parse_args(argv: list[str], fv: flags.FlagValues) -> tuple[ml_collections.ConfigDict, str]:
+    """Flags → (config, workdir); a bad override raises UserError with one line."""
+    check_overrides(argv)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise UserError(one_line(e)) from None
+    if fv.config is None or not fv.workdir:
+        raise UserError("both --config=configs/NAME.py and --workdir=DIR are needed")
+    return fv.config, fv.workdir
+
+
+def _flags_parser(argv: list[str]) -> list[str]:
+    try:
+        parse_args(argv, flags.FLAGS)
+    except UserError as e:
+        sys.stderr.write(f"error: {one_line(e)}\n")
+        sys.exit(EXIT_USER)
+    return argv[:1]
 
 
 def _multi_process_env() -> bool:
@@ -36,49 +65,51 @@ def _multi_process_env() -> bool:
                 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
-def _initialize_distributed() -> None:
+def _initialize_distributed(fv: flags.FlagValues) -> None:
     """Joins a multi-process job; JAX detects TPU pods, SLURM and Open MPI by itself."""
     import jax
-    if _DISTRIBUTED.value == "off":
+    if fv.distributed == "off":
         return
-    if _DISTRIBUTED.value == "on" or _COORDINATOR.value or _multi_process_env():
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
+    if fv.distributed == "on" or fv.coordinator_address or _multi_process_env():
+        jax.distributed.initialize(coordinator_address=fv.coordinator_address,
+                                   num_processes=fv.num_processes, process_id=fv.process_id)
 
 
-def _parse(argv: list[str]) -> list[str]:
-    """Parses flags; a bad override becomes one line and exit code 2, not a traceback."""
-    try:
-        check_overrides(argv)
-        rest = flags.FLAGS(argv)
-    except (UserError, flags.Error) as e:
-        sys.stderr.write(f"error: {one_line(e)}\n")
-        sys.exit(2)
-    if _CONFIG.value is None or not _WORKDIR.value:
-        sys.stderr.write("error: both --config=configs/NAME.py and --workdir=DIR are needed\n")
-        sys.exit(2)
-    return rest
+class _NoOrbaxErrors(pylogging.Filter):
+    """Orbax logs a traceback per failed background write; we report it once, in one line."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return "/orbax/" not in record.pathname
 
 
 def main(argv: list[str]) -> None:
     del argv
-    if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every file at INFO
+    fv = flags.FLAGS
+    if not fv["verbosity"].present:  # Orbax and TFDS log every file at INFO
         logging.set_verbosity(logging.WARNING)
-    _initialize_distributed()
+        logging.get_absl_handler().addFilter(_NoOrbaxErrors())
+    _initialize_distributed(fv)
     from llm_jax import trainer  # heavy imports after the flags are known to be good
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.config import ConfigError
     from llm_jax.data.sources import DataError
     from llm_jax.preemption import EXIT_PREEMPTED, Preempted
-    codes = ((ConfigError, 2), (DataError, 2), (trainer.NonFiniteError, EXIT_NONFINITE),
-             (CheckpointError, EXIT_CHECKPOINT), (Preempted, EXIT_PREEMPTED))
+    codes = ((ConfigError, EXIT_USER), (DataError, EXIT_USER),
+             (trainer.NonFiniteError, EXIT_NONFINITE), (CheckpointError, EXIT_CHECKPOINT),
+             (Preempted, EXIT_PREEMPTED))
     try:
-        trainer.run(_CONFIG.value, _WORKDIR.value)
+        trainer.run(fv.config, fv.workdir)
     except tuple(c for c, _ in codes) as e:
         sys.stderr.write(f"error: {one_line(e)}\n")
-        sys.exit(next(code for c, code in codes if isinstance(e, c)))
+        code = next(code for c, code in codes if isinstance(e, c))
+        if code == EXIT_CHECKPOINT:  # Orbax's failed writer threads would print at shutdown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
 
+
+define_flags(flags.FLAGS)
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=_flags_parser)

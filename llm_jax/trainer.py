@@ -86,6 +86,15 @@ def jit_eval_step(model: nn.Module, token_bytes: np.ndarray, param_sh: Any,
     return jax.jit(evaluate_, in_shardings=(param_sh, batch_sh), out_shardings=repl)
 
 
+def preflight(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """Every check of the config that needs no data: values, then the mesh against the
+    devices, heads and batch. Raises ConfigError (one line) before anything is compiled."""
+    config_lib.validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_fits(config, mesh, sharding.rules(config.mesh))
+    return mesh
+
+
 class Trainer:
     """Everything a run needs, built once from the config."""
 
@@ -93,8 +102,7 @@ class Trainer:
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         self.rules = sharding.rules(config.mesh)
-        self.mesh = sharding.make_mesh(config.mesh)
-        sharding.check_fits(config, self.mesh, self.rules)
+        self.mesh = preflight(config)
         self.tok = tokenizer.load_or_train(config.data)
         self.model_cfg = ModelConfig.from_config(config.model, self.tok.vocab_size,
                                                  config.data.seq_len)
@@ -110,7 +118,7 @@ class Trainer:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains to config.train.steps (resuming from WORKDIR/checkpoints) and evaluates."""
     t0 = time.perf_counter()
-    config_lib.validate(config)
+    preflight(config)
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep,
                                    config.train.keep_every)
@@ -121,9 +129,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules), \
             preemption.Watcher() as watcher:
         try:
-            return _train(tr, ckpt, watcher, t0)
-        finally:
+            result = _train(tr, ckpt, watcher, t0)
+        except checkpoint.CheckpointError:
+            raise  # closing a manager whose writes failed only adds noise
+        except BaseException:
             ckpt.close()
+            raise
+        ckpt.close()
+        return result
 
 
 def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watcher,

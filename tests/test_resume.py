@@ -137,3 +137,24 @@ def test_nonfinite_skip_counts_and_continues(tmp_path, data_cfg):  # noqa: F811
     with open(tmp_path / "metrics.jsonl") as f:
         recs = [json.loads(line) for line in f if '"train"' in line]
     assert recs[-1]["skipped_steps"] > 0
+
+
+def test_disk_full_during_a_save_stops_in_one_line_and_keeps_earlier(tmp_path,
+                                                                     data_cfg):  # noqa: F811
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(small)],
+                           capture_output=True)
+    if mount.returncode:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    try:
+        r = run(small / "w", data_cfg.data_dir, "--config.train.checkpoint_every=5",
+                "--config.train.max_to_keep=10", "--config.train.log_every=5")
+        assert r.returncode == 4, r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "No space left" in lines[0] and "Traceback" not in r.stderr
+        kept = [s for s in os.listdir(small / "w" / "checkpoints") if s.isdigit()]
+        assert kept == ["5"]
+        assert jax_leaves(params(small / "w", 5))  # the earlier checkpoint reads back whole
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

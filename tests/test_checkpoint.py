@@ -1,0 +1,59 @@
+"""Checkpoints restore onto other meshes and device counts; failed saves stop the run."""
+import errno
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from llm_jax import checkpoint, optim, sharding, trainer
+from llm_jax.config import base_config
+from llm_jax.models import build
+from llm_jax.models.layers import ModelConfig
+
+SEQ = 16
+
+
+def setup(mesh_shape, devices):
+    c = base_config()
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 32, 4, 64
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
+    mesh = sharding.make_mesh(c.mesh, devices)
+    rules = sharding.rules(c.mesh)
+    model = build(ModelConfig.from_config(c.model, 64, SEQ))
+    tx, _ = optim.make(c.optim, 10)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, _, abstract = trainer.init_state(model, tx, SEQ, 0, mesh, rules)
+    return c, state, abstract
+
+
+@pytest.mark.parametrize("target", [((8, 1, 1), 8), ((1, 1, 1), 1), ((1, 2, 4), 8)])
+def test_a_222_checkpoint_restores_onto_other_meshes(tmp_path, target):
+    config, state, _ = setup((2, 2, 2), jax.devices())
+    state = state.replace(params=jax.tree.map(lambda p: p + 1.5, state.params))  # not init
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(3, state, {"position": 7}, config)
+    ckpt.close()
+    (shape, n) = target
+    _, _, abstract = setup(shape, jax.devices()[:n])
+    restored, data_state, step = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract)
+    assert step == 3 and data_state == {"position": 7}
+    for a, b, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state),
+                          jax.tree.leaves(abstract)):
+        assert a.sharding == want.sharding and len(a.sharding.device_set) <= n
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_failed_save_is_one_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    config, state, _ = setup((8, 1, 1), jax.devices())
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(1, state, {}, config)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.manager, "save", disk_full)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left.*earlier checkpoints"):
+        ckpt.save(2, state, {}, config)
+    assert os.listdir(tmp_path) == ["1"]
