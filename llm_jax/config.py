@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.scan_layers = True
     m.remat = "none"  # none | full | dots | dots_no_batch
+    m.qkv_conv = 0  # >0: causal depthwise conv of this width on q, k, v (Primer); 0: off
     m.attention_impl = "auto"  # auto | xla | cudnn  (cudnn: flash attention on NVIDIA GPUs)
 
     c.data = d = ml_collections.ConfigDict()
@@ -127,7 +128,7 @@ POSITIVE = (
     "train.eval_every", "train.checkpoint_every", "train.max_to_keep",
 )
 NON_NEGATIVE = (
-    "model.num_kv_heads", "model.head_dim", "model.max_len", "model.dropout",
+    "model.num_kv_heads", "model.head_dim", "model.qkv_conv", "model.max_len", "model.dropout",
     "data.worker_threads", "train.eval_batches", "train.keep_every", "train.peak_flops",
     "optim.learning_rate", "optim.warmup_steps", "optim.end_lr_ratio", "optim.weight_decay",
     "optim.grad_clip", "optim.eps",

@@ -54,10 +54,13 @@ def _logits(model, params, tokens, segs, positions):
     return np.asarray(model.apply({"params": params}, tokens, positions, segs))
 
 
-@pytest.mark.parametrize("positions", ["learned", "rope"])
+@pytest.mark.parametrize("positions,conv", [("learned", 0), ("rope", 0), ("rope", 3)])
 @pytest.mark.parametrize("scan", [True, False])
-def test_future_tokens_do_not_change_past_logits(positions, scan):
-    model, params = _model_and_params(positions=positions, scan_layers=scan)
+def test_future_tokens_do_not_change_past_logits(positions, conv, scan):
+    model, params = _model_and_params(positions=positions, scan_layers=scan, qkv_conv=conv)
+    if conv:
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x + 0.3 if "conv" in jax.tree_util.keystr(path) else x, params)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 97, (2, 24)).astype(np.int32)
     segs, pos = np.ones_like(tokens), np.broadcast_to(np.arange(24), tokens.shape)
@@ -67,13 +70,20 @@ def test_future_tokens_do_not_change_past_logits(positions, scan):
     after = _logits(model, params, changed, segs, pos)
     np.testing.assert_allclose(after[:, :15], base[:, :15], rtol=1e-5, atol=1e-5)
     assert np.abs(after[:, 15:] - base[:, 15:]).max() > 1e-3  # the future did change
+    past = tokens.copy()
+    past[:, 3] = (past[:, 3] + 1) % 97
+    later = _logits(model, params, past, segs, pos)
+    assert np.abs(later[:, 10] - base[:, 10]).max() > 1e-4  # and the past is used
 
 
-@pytest.mark.parametrize("positions", ["learned", "rope"])
-def test_packed_documents_are_isolated(positions):
+@pytest.mark.parametrize("positions,conv", [("learned", 0), ("rope", 0), ("rope", 3)])
+def test_packed_documents_are_isolated(positions, conv):
     """Perturbing one packed document leaves the other's logits unchanged."""
     model, params = _model_and_params(positions=positions, activation="swiglu",
-                                      norm="rmsnorm", num_kv_heads=2)
+                                      norm="rmsnorm", num_kv_heads=2, qkv_conv=conv)
+    if conv:  # move the conv off its identity init so it really mixes positions
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x + 0.3 if "conv" in jax.tree_util.keystr(path) else x, params)
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 97, (1, 24)).astype(np.int32)
     segs = np.array([[1] * 10 + [2] * 14], np.int32)

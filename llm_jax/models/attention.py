@@ -27,6 +27,29 @@ def causal_mask(length: int) -> Array:
     return jnp.tril(jnp.ones((length, length), bool))[None, None]
 
 
+class CausalDepthwiseConv(nn.Module):
+    """y_t = Σ_j w_j ⊙ x_{t-j} per channel, within a document (Primer, So et al. 2021).
+
+    Initialized to the identity, so attention starts out unchanged; mixing in the
+    previous tokens' keys lets copying ("induction") heads form in a few hundred steps.
+    """
+
+    width: int
+    axes: tuple[str, str]
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array) -> Array:
+        init = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[0].set(1.0)  # noqa
+        w = self.param("kernel", nn.with_logical_partitioning(init, (None,) + self.axes),
+                       (self.width,) + x.shape[2:], jnp.float32)
+        y = x.astype(jnp.float32) * w[0]
+        for j in range(1, self.width):
+            shifted = jnp.pad(x, ((0, 0), (j, 0), (0, 0), (0, 0)))[:, :x.shape[1]]
+            inside = (positions >= j)[:, :, None, None]  # never reach into another document
+            y = y + jnp.where(inside, shifted, 0).astype(jnp.float32) * w[j]
+        return y.astype(x.dtype)
+
+
 class Attention(nn.Module):
     """Self- or cross-attention with GQA, optional rotary positions and logical axes."""
 
@@ -44,6 +67,13 @@ class Attention(nn.Module):
         q = proj(cfg.num_heads, "heads", "query")(x_q)
         k = proj(cfg.num_kv_heads, "kv_heads", "key")(x_kv)
         v = proj(cfg.num_kv_heads, "kv_heads", "value")(x_kv)
+        if cfg.qkv_conv and self.use_rope:  # self-attention only
+            q = CausalDepthwiseConv(cfg.qkv_conv, ("heads", "head_dim"), name="q_conv")(
+                q, q_positions)
+            k = CausalDepthwiseConv(cfg.qkv_conv, ("kv_heads", "head_dim"), name="k_conv")(
+                k, kv_positions)
+            v = CausalDepthwiseConv(cfg.qkv_conv, ("kv_heads", "head_dim"), name="v_conv")(
+                v, kv_positions)
         if cfg.positions == "rope" and self.use_rope:
             q = rotary(q, q_positions, cfg.rope_theta)
             k = rotary(k, kv_positions, cfg.rope_theta)

@@ -40,6 +40,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"
     attention_impl: str | None = None
+    qkv_conv: int = 0
 
     @classmethod
     def from_config(cls, m: ml_collections.ConfigDict, vocab_size: int,
@@ -53,7 +54,8 @@ class ModelConfig:
             tie_embeddings=m.tie_embeddings, use_bias=m.use_bias,
             dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
             scan_layers=m.scan_layers, remat=m.remat,
-            attention_impl=None if m.attention_impl == "auto" else m.attention_impl)
+            attention_impl=None if m.attention_impl == "auto" else m.attention_impl,
+            qkv_conv=m.qkv_conv)
 
 
 def init_std(cfg: ModelConfig, residual_out: bool = False) -> float:
