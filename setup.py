@@ -14,7 +14,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax research codebase for pretraining language models",
     packages=find_packages(include=["llm_jax", "llm_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=requirements,
     extras_require={"test": ["pytest>=8.0"], "tpu": ["jax[tpu]"]},
 )

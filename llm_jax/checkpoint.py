@@ -80,27 +80,44 @@ class Checkpointer:
         return out.state, out.data.state
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
-        """The newest checkpoint that reads back whole; older ones if it does not."""
+        """The newest checkpoint that reads back whole, or None if there is none.
+
+        Newer ones that fail while an older one succeeds are damaged (a crash mid-write,
+        a truncated file): they are moved to WORKDIR/damaged_checkpoints with a one-line
+        warning. If none succeeds, nothing is moved and the run stops: a code or topology
+        change must not silently restart training from step 0.
+        """
+        failed: list[tuple[int, str]] = []
+        restored = None
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                return (*self.restore(step, abstract_state), step)
-            except Exception as e:  # a damaged checkpoint must not end the run: fall back
-                aside = self._quarantine(step)
-                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
-                      f"{_short(e)[:200]}); moved to {aside}; trying an older one",
-                      flush=True)
-        return None
+                restored = (*self.restore(step, abstract_state), step)
+                break
+            except Exception as e:  # judged below, against the older checkpoints
+                failed.append((step, f"{type(e).__name__}: {_short(e)[:200]}"))
+        if failed and restored is None:
+            step, why = failed[0]
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored; the "
+                                  f"newest, {step}, fails with {why}")
+        if failed:
+            self._quarantine([step for step, _ in failed])
+            for step, why in failed:
+                if jax.process_index() == 0:
+                    print(f"warning: checkpoint {step} is unreadable ({why}); moved to "
+                          f"damaged_checkpoints/, resuming from {restored[2]}", flush=True)
+        return restored
 
-    def _quarantine(self, step: int) -> str:
-        """Moves a damaged step out of the manager's sight (kept, not deleted)."""
-        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints",
-                             f"{step}-{int(time.time())}")
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves damaged steps out of the manager's sight (kept, not deleted)."""
+        multihost_utils.sync_global_devices("checkpoint: before quarantine")
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(aside), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), aside)
-        multihost_utils.sync_global_devices(f"quarantine {step}")
+            aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                shutil.move(os.path.join(self.directory, str(step)),
+                            os.path.join(aside, f"{step}-{int(time.time())}"))
+        multihost_utils.sync_global_devices("checkpoint: after quarantine")
         self.manager.reload()
-        return aside
 
     def saved_config(self) -> dict | None:
         """The config stored with the newest checkpoint that has a readable one."""

@@ -34,7 +34,6 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with defaults for a small CPU run."""
     c = ml_collections.ConfigDict()
-    c.init_from = ""
 
     c.model = m = ml_collections.ConfigDict()
     m.family = "decoder"
@@ -158,6 +157,7 @@ def closest_keys(key: str, config: ml_collections.ConfigDict) -> str:
 
 
 def get(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The value at a dotted key, e.g. get(c, 'train.steps')."""
     node = config
     for part in key.split("."):
         node = node[part]
@@ -205,31 +205,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.mesh sizes {sizes} must be positive or -1")
 
 
-# Keys that may differ between the runs of one workdir: where data lives and how fast it
-# is read do not change what is trained.
+# What fixes a run: the model, the data, and the order the data comes in. Where the
+# data lives and how fast it is read may change between the runs of one workdir.
+SAME_RUN = ("model.", "data.", "train.seed", "train.batch_size")
 RESUMABLE_DIFFERENCES = ("data.data_dir", "data.worker_threads", "data.prefetch")
 
 
 def check_same_run(config: ml_collections.ConfigDict, saved: dict, workdir: str) -> None:
-    """Refuses a config whose model or data differ from the checkpoints in the workdir."""
-    saved_cfg = ml_collections.ConfigDict(saved)
+    """Refuses a config whose model or data differ from the checkpoints in the workdir.
+
+    A key the saved config lacks (added to llm_jax since) is compared with its default.
+    """
+    saved_cfg, defaults = ml_collections.ConfigDict(saved), base_config()
     diffs = []
     for key in flat_keys(config):
-        if not key.startswith(("model.", "data.")) or key in RESUMABLE_DIFFERENCES:
+        if not key.startswith(SAME_RUN) or key in RESUMABLE_DIFFERENCES:
             continue
         try:
             old = get(saved_cfg, key)
         except (KeyError, AttributeError):
-            diffs.append(f"{key} (new key)")
-            continue
-        if old != get(config, key):
-            diffs.append(f"{key}: {old!r} in the checkpoints, {get(config, key)!r} now")
+            old = get(defaults, key)
+        new = get(config, key)
+        if isinstance(old, (list, tuple)) or isinstance(new, (list, tuple)):
+            old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+        if old != new:
+            diffs.append(f"{key}: {old!r} in the checkpoints, {new!r} now")
     if diffs:
         raise ConfigError(f"{workdir} holds a run with a different model or data: "
                           f"{'; '.join(diffs)}; use a new --workdir or the same config")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
+    """The config as sorted, indented JSON (tuples become lists)."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 

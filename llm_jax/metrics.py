@@ -80,7 +80,9 @@ class Writer:
             _drop_records_after(path, resume_step)
             self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter  # TF-free event files
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # purge_step hides events of steps redone after a resume
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -177,6 +179,8 @@ class Progress:
 def format_record(step: int, split: str, values: dict[str, float]) -> str:
     parts = [f"{split} step {step}"]
     for k, v in values.items():
+        if k.startswith("docs_"):  # data counters stay in metrics.jsonl, off the console
+            continue
         if isinstance(v, float) and abs(v) >= 1000:
             parts.append(f"{k}={v:,.0f}")
         elif isinstance(v, float):

@@ -28,9 +28,16 @@ def schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+DECAYED = ("kernel", "embedding")  # matrices of Dense and Embed
+
+
 def decay_mask(params: Any) -> Any:
-    """Decay matrices (kernels, embeddings); not norm scales or biases (1-D leaves)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Decay Dense kernels and embeddings only; never norm scales, biases or conv taps.
+
+    Decided by name, not rank: scanned layers stack a norm's [d] scale into [layers, d].
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in DECAYED, params)
 
 
 def make(o: ml_collections.ConfigDict,

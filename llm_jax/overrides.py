@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from llm_jax.config import closest_keys, flat_keys
+from llm_jax.config import closest_keys, flat_keys, get
 
 
 class UserError(ValueError):
@@ -15,6 +15,7 @@ class UserError(ValueError):
 
 
 def one_line(e: BaseException) -> str:
+    """The exception's message with all whitespace runs collapsed to single spaces."""
     return " ".join(str(e).split())
 
 
@@ -73,7 +74,4 @@ def check_overrides(argv: list[str]) -> None:
         if key not in keys:
             raise UserError(f"--config.{key}: unknown key; closest valid keys: "
                             f"{closest_keys(key, config)}")
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        _parse_value(raw, node, key)
+        _parse_value(raw, get(config, key), key)

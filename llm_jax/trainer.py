@@ -32,11 +32,12 @@ def dummy_batch(batch_size: int, seq_len: int) -> dict[str, jax.Array]:
             "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), ids.shape)}
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
+def state_init(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
                mesh: jax.sharding.Mesh, rule_table: tuple) -> tuple[Any, Any, Any]:
     """Parameters and optimizer state born sharded: eval_shape → shardings → jit(init).
 
-    Returns (state, state shardings, abstract state with shardings for restoring).
+    Returns (init: () -> state, state shardings, abstract state with shardings). Nothing
+    is allocated until init() is called, so a resume restores without a second copy.
     """
     def boxed_params(rng):
         b = dummy_batch(1, seq_len)
@@ -62,7 +63,14 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
     init_fn = jax.jit(init, out_shardings=state_sh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(init, rng), state_sh)
-    return init_fn(rng), state_sh, abstract
+    return functools.partial(init_fn, rng), state_sh, abstract
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
+               mesh: jax.sharding.Mesh, rule_table: tuple) -> tuple[Any, Any, Any]:
+    """(state, state shardings, abstract state): `state_init` called at once."""
+    init, state_sh, abstract = state_init(model, tx, seq_len, seed, mesh, rule_table)
+    return init(), state_sh, abstract
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: optax.Schedule,
@@ -110,9 +118,6 @@ class Trainer:
         self.tx, self.lr = optim.make(config.optim, config.train.steps)
         self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
 
-    def to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(self.batch_sh, v)
-                for k, v in local.items()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -142,18 +147,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watcher,
            t0: float) -> dict[str, float]:
     config, workdir, t = tr.config, tr.workdir, tr.config.train
-    state, state_sh, abstract = init_state(tr.model, tr.tx, config.data.seq_len, t.seed,
-                                           tr.mesh, tr.rules)
+    init, state_sh, abstract = state_init(tr.model, tr.tx, config.data.seq_len, t.seed,
+                                          tr.mesh, tr.rules)
     train_fn = jit_train_step(tr.model, tr.tx, tr.lr, t, state_sh, tr.batch_sh,
                               deterministic=tr.model_cfg.dropout == 0)
     eval_fn = jit_eval_step(tr.model, tr.tok.token_bytes, state_sh.params, tr.batch_sh)
+    doc_stats = pipeline.DocumentStats()
     host_iter = pipeline.make_train_iterator(
         config.data, tr.tok, seed=t.seed, global_batch_size=t.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    data_iter = pipeline.DevicePrefetch(host_iter, tr.batch_sh, config.data.prefetch)
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        stats=doc_stats)
+    global_shape = (t.batch_size, config.data.seq_len)
+    data_iter = pipeline.DevicePrefetch(host_iter, tr.batch_sh, config.data.prefetch,
+                                        global_shape)
     start = 0
     restored = ckpt.restore_latest(abstract)
-    if restored is not None:
+    if restored is None:
+        state = init()
+    else:
         state, data_state, start = restored
         data_iter.set_state(data_state)
         if tr.is_main:
@@ -165,7 +176,7 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
     eval_local = pipeline.eval_batches(
         config.data, tr.tok, global_batch_size=t.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
-    eval_global = [tr.to_global(b) for b in eval_local]
+    eval_global = [pipeline.to_global(b, tr.batch_sh, global_shape) for b in eval_local]
     periodic = eval_global[:t.eval_batches] if t.eval_batches else eval_global
 
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
@@ -176,21 +187,30 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
 
     tokens_per_step = t.batch_size * config.data.seq_len
     timer = metrics.StepTimer(start)
-    for step in range(start, t.steps):
-        state, m = train_fn(state, next(data_iter))
-        done = step + 1
-        if t.on_nonfinite == "stop" and not bool(m["finite"]):
+    pending = None  # (metrics, step) not yet checked for non-finite values
+
+    def check_finite() -> None:
+        if t.on_nonfinite == "stop" and pending is not None and not bool(pending[0]["finite"]):
+            m, bad = pending
             raise NonFiniteError(
-                f"non-finite loss or gradient at step {done} (loss={float(m['loss'])}); "
+                f"non-finite loss or gradient at step {bad} (loss={float(m['loss'])}); "
                 f"stopped; the last good checkpoint is step {ckpt.wait_and_latest()} in "
                 f"{workdir}")
-        if done % t.log_every == 0 or done == t.steps or done == start + 1:
-            m = jax.device_get(m)
+
+    for step in range(start, t.steps):
+        state, m = train_fn(state, next(data_iter))
+        check_finite()  # the previous step's: checking one step late keeps dispatch async
+        done, pending = step + 1, (m, step + 1)
+        if done == start + 1:
+            check_finite()
+            jax.block_until_ready(state)
+            log.log(f"compiled and ran the first step in {time.perf_counter() - t0:.1f}s "
+                    "since start")
+        if done % t.log_every == 0 or done == t.steps or done == 1:
             dt = timer.per_step(done)  # the first interval includes compiling
-            if done == start + 1:
-                log.log(f"compiled and ran the first step in {time.perf_counter() - t0:.1f}s "
-                        "since start")
-            record = metrics.train_record(m, tokens_per_step / dt, dt, flops_tok, peak)
+            record = metrics.train_record(jax.device_get(m), tokens_per_step / dt, dt,
+                                          flops_tok, peak)
+            record.update(doc_stats.snapshot())
             writer.write(done, "train", record)
             log.log(metrics.format_record(done, "train", record))
         paused = False
@@ -199,6 +219,7 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
             paused = True
         stop = watcher.should_stop(done)
         if done % t.checkpoint_every == 0 or done == t.steps or stop:
+            check_finite()  # never save a non-finite state
             ckpt.save(done, state, data_iter.get_state(), config)
             paused = True
         if stop:
@@ -210,15 +231,20 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
             jax.block_until_ready(state)
             timer.restart(done)
         log.update(1)
+    check_finite()
     log.close()
     ckpt.wait()
 
     final = evaluate.run_eval(eval_fn, state.params, eval_global)
-    _write_eval(writer, log, t.steps, final)
+    if start < t.steps:  # a rerun of a finished run reports, but does not log twice
+        _write_eval(writer, log, t.steps, final)
     writer.close()
     if tr.is_main:
         text = b"".join(sources.document_bytes(r, config.data)
                         for r in sources.load_source(config.data, config.data.eval_split))
+        if int(final["bytes"]) != len(text):  # the tokens must spell the text exactly
+            print(f"warning: eval targets spell {int(final['bytes'])} bytes, the split has "
+                  f"{len(text)}; bits per byte uses the former", flush=True)
         base = evaluate.compressor_bits_per_byte(text)
         table = ", ".join(f"{k} {v:.3f}" for k, v in base.items())
         print(f"final validation bits per byte: model {final['bits_per_byte']:.3f}; "

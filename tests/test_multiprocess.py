@@ -31,7 +31,12 @@ def test_two_processes_train_resume_and_agree(tmp_path, data_cfg):  # noqa: F811
              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True) for i in range(2)]
-        return [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+        try:
+            outs = [p.communicate(timeout=300) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
     for rc, out, err in launch(20):
         assert rc == 0, err[-3000:]

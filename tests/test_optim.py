@@ -39,3 +39,23 @@ def test_weight_decay_skips_norms_and_biases():
     np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 3)), rtol=1e-6)
     np.testing.assert_allclose(updates["scale"], 0.0)
     np.testing.assert_allclose(updates["bias"], 0.0)
+
+
+def test_decay_mask_on_a_real_scanned_model():
+    """Scanned layers stack norm scales to [layers, d]: they must still not decay."""
+    import jax
+    from llm_jax.models import build
+    from llm_jax.models.layers import ModelConfig
+    cfg = ModelConfig(vocab_size=64, num_layers=2, d_model=16, num_heads=2, num_kv_heads=2,
+                      head_dim=8, mlp_dim=32, max_len=8, use_bias=True, qkv_conv=3,
+                      positions="rope", tie_embeddings=False)
+    t = jnp.zeros((1, 8), jnp.int32)
+    params = jax.eval_shape(lambda: build(cfg).init(jax.random.key(0), t, t, t + 1))["params"]
+    params = jax.tree.map(lambda b: b.value, params, is_leaf=lambda x: hasattr(x, "names"))
+    flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
+    decayed = {jax.tree_util.keystr(k) for k, v in flat if v}
+    kept = {jax.tree_util.keystr(k) for k, v in flat if not v}
+    assert any("attn_norm']['scale" in k for k in kept)  # [layers, d], not decayed
+    assert any("bias" in k for k in kept) and any("taps" in k for k in kept)
+    assert all("kernel" in k or "embedding" in k for k in decayed)
+    assert any("lm_head" in k for k in decayed) and any("mlp']['wi" in k for k in decayed)

@@ -168,3 +168,21 @@ def test_missing_feature_or_split_is_one_line_error(
         sources.load_source(cfg, split)
     assert needle in str(err.value) and "available" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_document_stats_count_unusual_documents_without_dropping_them():
+    stats = pipeline.DocumentStats()
+    seq_len = 8
+    for text, n_tokens in [(b"", 0), (b"\xff\xfe bad", 6), (b"x" * 100, 20), (b"ok", 1)]:
+        stats.observe(text, n_tokens, seq_len)
+    assert stats.snapshot() == {"docs_read": 4, "docs_empty": 1, "docs_non_utf8": 1,
+                                "docs_split": 1}
+
+
+def test_train_iterator_counts_the_documents_it_reads(data_cfg, tok):  # noqa: F811
+    stats = pipeline.DocumentStats()
+    it = pipeline.make_train_iterator(data_cfg, tok, seed=0, global_batch_size=8,
+                                      process_index=0, process_count=1, stats=stats)
+    _take(it, 3)
+    seen = stats.snapshot()
+    assert seen["docs_read"] > 0 and seen["docs_split"] > 0  # most files exceed 128 tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import threading
 import time
 from typing import Any
 
@@ -90,6 +91,37 @@ def shuffled_documents(
     return docs.shuffle(seed=seed).repeat()
 
 
+class DocumentStats:
+    """Counts of unusual documents this process's train pipeline has read, for metrics.
+
+    None of them is dropped: empty documents still teach bos → eos, non-UTF-8 bytes
+    become byte-fallback tokens, and long documents are split into overlapping chunks.
+    Counted when read (prefetching runs a little ahead of training), from the start of
+    this process.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = {"docs_read": 0, "docs_empty": 0, "docs_non_utf8": 0, "docs_split": 0}
+
+    def observe(self, text: bytes, num_tokens: int, seq_len: int) -> None:
+        try:
+            text.decode("utf-8")
+            valid = True
+        except UnicodeDecodeError:
+            valid = False
+        with self._lock:  # grain's read threads call this concurrently
+            c = self._counts
+            c["docs_read"] += 1
+            c["docs_empty"] += not text
+            c["docs_non_utf8"] += not valid
+            c["docs_split"] += num_tokens + 2 > seq_len  # with bos and eos
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 def make_train_iterator(
     data_cfg: ml_collections.ConfigDict,
     tok: Tokenizer,
@@ -98,6 +130,7 @@ def make_train_iterator(
     global_batch_size: int,
     process_index: int,
     process_count: int,
+    stats: DocumentStats | None = None,
 ) -> grain.DatasetIterator:
     """Endless, seeded, checkpointable iterator of local batches for this process.
 
@@ -112,7 +145,14 @@ def make_train_iterator(
     docs = shuffled_documents(
         source, seed=seed, process_index=process_index, process_count=process_count
     )
-    docs = docs.map(lambda record: tok.encode(sources.document_bytes(record, data_cfg)))
+    def tokenize(record: Any) -> np.ndarray:
+        text = sources.document_bytes(record, data_cfg)
+        ids = tok.encode(text)
+        if stats is not None:
+            stats.observe(text, len(ids), seq_len)
+        return ids
+
+    docs = docs.map(tokenize)
     threads = max(int(data_cfg.worker_threads), 0)
     stream = docs.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(16 * threads, 1))
@@ -188,6 +228,13 @@ def eval_batches(
     return out
 
 
+def to_global(local: Batch, sharding: jax.sharding.NamedSharding,
+              global_shape: tuple[int, int] | None = None) -> dict[str, jax.Array]:
+    """This process's rows → global arrays; the global shape is stated, not inferred."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, global_shape)
+            for k, v in local.items()}
+
+
 class DevicePrefetch:
     """Turns local host batches into global ``jax.Array`` batches, ``size`` in flight.
 
@@ -196,10 +243,15 @@ class DevicePrefetch:
     """
 
     def __init__(
-        self, host: grain.DatasetIterator, sharding: jax.sharding.NamedSharding, size: int = 2
+        self,
+        host: grain.DatasetIterator,
+        sharding: jax.sharding.NamedSharding,
+        size: int = 2,
+        global_shape: tuple[int, int] | None = None,
     ):
         self._host = host
         self._sharding = sharding
+        self._global_shape = global_shape
         self._size = max(int(size), 1)
         self._queue: collections.deque[tuple[dict[str, jax.Array], Any]] = collections.deque()
         self._state = host.get_state()
@@ -211,11 +263,7 @@ class DevicePrefetch:
             except StopIteration:  # a finite host iterator: hand out what is queued
                 return
             state = self._host.get_state()  # state *after* this batch, paired with it
-            arrays = {
-                k: jax.make_array_from_process_local_data(self._sharding, v)
-                for k, v in local.items()
-            }
-            self._queue.append((arrays, state))
+            self._queue.append((to_global(local, self._sharding, self._global_shape), state))
 
     def __iter__(self) -> DevicePrefetch:
         return self

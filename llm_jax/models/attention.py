@@ -40,7 +40,7 @@ class CausalDepthwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x: Array, positions: Array) -> Array:
         init = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[0].set(1.0)  # noqa
-        w = self.param("kernel", nn.with_logical_partitioning(init, (None,) + self.axes),
+        w = self.param("taps", nn.with_logical_partitioning(init, (None,) + self.axes),
                        (self.width,) + x.shape[2:], jnp.float32)
         y = x.astype(jnp.float32) * w[0]
         for j in range(1, self.width):

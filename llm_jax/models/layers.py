@@ -73,6 +73,7 @@ class Dense(nn.Module):
     use_bias: bool = False
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.float32
+    out_dtype: Any = None  # default: the compute dtype; float32 for logits
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -90,7 +91,7 @@ class Dense(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, self.out_axes), tuple(self.features), self.param_dtype)
             y = y + bias
-        return y.astype(self.dtype)
+        return y.astype(self.out_dtype or self.dtype)
 
 
 class Embed(nn.Module):

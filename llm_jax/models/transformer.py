@@ -89,5 +89,6 @@ class DecoderLM(nn.Module):
             logits = embed.attend(x)
         else:
             logits = Dense((cfg.vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype, name="lm_head")(x).astype(jnp.float32)
+                           param_dtype=cfg.param_dtype, out_dtype=jnp.float32,
+                           name="lm_head")(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
