@@ -14,11 +14,6 @@ class UserError(ValueError):
     """A mistake on the command line; reported in one line with exit code 2."""
 
 
-def one_line(e: BaseException) -> str:
-    """The exception's message with all whitespace runs collapsed to single spaces."""
-    return " ".join(str(e).split())
-
-
 def _load(path: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise UserError(f"--config={path}: no such file; pick one in configs/")

@@ -7,15 +7,16 @@ Exit codes: 0 done, 2 user error, 3 non-finite loss, 4 checkpoint write failed,
 """
 from __future__ import annotations
 
-import logging as pylogging
 import os
 import sys
 
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax.overrides import UserError, check_overrides, one_line
+from llm_jax import console
+from llm_jax.console import one_line
+from llm_jax.overrides import UserError, check_overrides
 
 EXIT_USER = 2
 EXIT_NONFINITE = 3  # the loss or gradients became NaN/inf (train.on_nonfinite=stop)
@@ -75,19 +76,11 @@ def _initialize_distributed(fv: flags.FlagValues) -> None:
                                    num_processes=fv.num_processes, process_id=fv.process_id)
 
 
-class _NoOrbaxErrors(pylogging.Filter):
-    """Orbax logs a traceback per failed background write; we report it once, in one line."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     del argv
     fv = flags.FLAGS
-    if not fv["verbosity"].present:  # Orbax and TFDS log every file at INFO
-        logging.set_verbosity(logging.WARNING)
-        logging.get_absl_handler().addFilter(_NoOrbaxErrors())
+    if not fv["verbosity"].present:
+        console.quiet_libraries()
     _initialize_distributed(fv)
     from llm_jax import trainer  # heavy imports after the flags are known to be good
     from llm_jax.checkpoint import CheckpointError

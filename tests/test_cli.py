@@ -66,3 +66,18 @@ def test_validate_accepts_every_shipped_config():
         assert path.read_text().lstrip().startswith('"""'), path
         head = path.read_text()[:1500]
         assert "Command:" in head and "Runtime:" in head and "Expected:" in head, path
+
+
+def test_stderr_filter_drops_only_closed_loop_tracebacks():
+    import io
+
+    from llm_jax import console
+    out = io.StringIO()
+    f = console._DropClosedLoopTracebacks(out)
+    noise = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+             "    g()\nRuntimeError: Event loop is closed\n")
+    real = "Traceback (most recent call last):\n  File \"y.py\", line 2\nValueError: bad\n"
+    f.write("line one\n" + noise + real[:30])
+    f.write(real[30:] + "error: the one line\n")
+    f.flush()
+    assert out.getvalue() == "line one\n" + real + "error: the one line\n"
