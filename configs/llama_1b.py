@@ -24,7 +24,7 @@ def get_config():
     c.model.positions = "rope"
     c.model.tie_embeddings = False
     c.model.remat = "dots_no_batch"
-    c.model.attention_impl = "auto"  # cuDNN flash attention on NVIDIA GPUs
+    c.model.attention_impl = "auto"  # on NVIDIA GPUs: --config.model.attention_impl=cudnn
     c.data.seq_len = 2048
     c.data.vocab_size = 32000
     c.data.tokenizer_train_bytes = 500_000_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import sysconfig
 
 import pytest
@@ -70,3 +71,17 @@ def test_non_utf8_files_are_kept_as_bytes(data_cfg, expected):  # noqa: F811
 def test_split_sizes_are_sane(expected):
     n_train, n_val = len(expected["train"]), len(expected["validation"])
     assert n_val > 0 and 0.02 < n_val / (n_train + n_val) < 0.08
+
+
+def test_a_corpus_built_by_another_python_is_refused_in_one_line(tmp_path):
+    import json
+
+    from data_fixtures import make_cfg
+    cfg = make_cfg(tmp_path)
+    sources.load_source(cfg, "validation")
+    meta = tmp_path / "stdlib_source" / "1.0.0" / "metadata.json"
+    assert json.loads(meta.read_text())["python"] == "%d.%d.%d" % sys.version_info[:3]
+    meta.write_text(json.dumps({"python": "3.10.0"}))
+    with pytest.raises(sources.DataError, match="built from Python 3.10.0") as err:
+        sources.load_source(cfg, "validation")
+    assert "\n" not in str(err.value)

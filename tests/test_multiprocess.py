@@ -46,7 +46,7 @@ def test_two_processes_train_resume_and_agree(tmp_path, data_cfg):  # noqa: F811
     assert train[-1]["step"] == 20 and train[-1]["loss"] < train[0]["loss"]
     assert len({r["step"] for r in train}) == len(train)  # only process 0 writes
     ckpt = tmp_path / "w" / "checkpoints" / "20" / "data"
-    assert sorted(os.listdir(ckpt)) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(ckpt))
     port = free_port()
     results = launch(30)  # both processes resume from step 20
     for rc, out, err in results:

@@ -45,7 +45,7 @@ def _embedded_builder(name: str, ddir: str, process_index: int) -> tfds.core.Dat
 
     builder = make()
     if builder.is_prepared():
-        return builder
+        return _same_python(builder, ddir)
     if process_index == 0:
         try:
             builder.download_and_prepare()
@@ -65,6 +65,19 @@ def _embedded_builder(name: str, ddir: str, process_index: int) -> tfds.core.Dat
         f"timed out waiting for process 0 to prepare {name} in {ddir}; "
         "data_dir must be shared by all processes"
     )
+
+
+def _same_python(builder: tfds.core.DatasetBuilder, ddir: str) -> tfds.core.DatasetBuilder:
+    """The stdlib corpus in data_dir must come from this interpreter's standard library."""
+    built = builder.info.metadata.get("python") if builder.info.metadata else None
+    here = corpora.stdlib_source.python_version()
+    if built is not None and built != here:
+        raise DataError(
+            f"{builder.name} in data_dir={ddir} was built from Python {built}'s standard "
+            f"library, this is Python {here}; use another data.data_dir or delete "
+            f"{builder.data_dir}"
+        )
+    return builder
 
 
 def _builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import sysconfig
 from collections.abc import Iterator
 
@@ -15,6 +16,11 @@ import tensorflow_datasets as tfds
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 VALIDATION_PERCENT = 5
+
+
+def python_version() -> str:
+    """major.minor.micro of the running interpreter, e.g. '3.11.7'."""
+    return ".".join(map(str, sys.version_info[:3]))
 
 
 def stdlib_root() -> str:
@@ -54,6 +60,9 @@ class StdlibSource(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {"text": tfds.features.Text(), "path": tfds.features.Text()}
             ),
+            # Which interpreter's stdlib this is: a data_dir built by another Python holds
+            # other files, so a run must not mix them up (checked in sources.py).
+            metadata=tfds.core.MetadataDict(python=python_version()),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
