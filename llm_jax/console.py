@@ -15,11 +15,15 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-class _NoOrbaxErrors(logging.Filter):
-    """Orbax logs a traceback per failed background write; we report it once, in one line."""
+class _LibraryNoise(logging.Filter):
+    """Orbax logs a traceback per failed background write (we report it once, in one
+    line); TFDS warns that a dataset it is about to build has no dataset_info.json yet."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "/orbax/" not in record.pathname
+        if "/orbax/" in record.pathname:
+            return False
+        return not ("tensorflow_datasets" in record.pathname
+                    and "has no dataset_info.json" in record.getMessage())
 
 
 class _DropClosedLoopTracebacks:
@@ -71,5 +75,5 @@ class _DropClosedLoopTracebacks:
 def quiet_libraries() -> None:
     """Warnings and errors only from absl users (Orbax, TFDS log each file at INFO)."""
     absl_logging.set_verbosity(absl_logging.WARNING)
-    absl_logging.get_absl_handler().addFilter(_NoOrbaxErrors())
+    absl_logging.get_absl_handler().addFilter(_LibraryNoise())
     sys.stderr = _DropClosedLoopTracebacks(sys.stderr)

@@ -15,6 +15,26 @@ from llm_jax.models.layers import ModelConfig
 SEQ = 16
 
 
+def train_one_step(config, state, mesh_shape, devices):
+    """A real sharded train step on the restored state; returns its loss."""
+    c = config.copy_and_resolve_references()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
+    mesh = sharding.make_mesh(c.mesh, devices)
+    rules = sharding.rules(c.mesh)
+    model = build(ModelConfig.from_config(c.model, 64, SEQ))
+    tx, lr = optim.make(c.optim, 10)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    state_sh = jax.tree.map(lambda a: a.sharding, state)
+    tokens = np.arange(8 * SEQ, dtype=np.int32).reshape(8, SEQ) % 64
+    batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+             "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape)}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = trainer.jit_train_step(model, tx, lr, c.train, state_sh, batch_sh)
+        new, m = step(state, jax.device_put(batch, batch_sh))
+    assert int(new.step) == int(state.step) + 1
+    return float(m["loss"])
+
+
 def setup(mesh_shape, devices):
     c = base_config()
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 32, 4, 64
@@ -43,6 +63,10 @@ def test_a_222_checkpoint_restores_onto_other_meshes(tmp_path, target):
                           jax.tree.leaves(abstract)):
         assert a.sharding == want.sharding and len(a.sharding.device_set) <= n
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and training continues there, with the loss the original mesh computes
+    here = train_one_step(config, restored, shape, jax.devices()[:n])
+    there = train_one_step(config, state, (2, 2, 2), jax.devices())
+    np.testing.assert_allclose(here, there, rtol=2e-2)
 
 
 def test_a_failed_save_is_one_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):

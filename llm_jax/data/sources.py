@@ -6,6 +6,8 @@ TFDS dataset must already be prepared under ``data_dir`` and is never downloaded
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -47,8 +49,11 @@ def _embedded_builder(name: str, ddir: str, process_index: int) -> tfds.core.Dat
     if builder.is_prepared():
         return _same_python(builder, ddir)
     if process_index == 0:
+        print(f"building {name} into {ddir} (once; nothing is downloaded)", flush=True)
         try:
-            builder.download_and_prepare()
+            tfds.disable_progress_bar()  # its "Downloading and preparing" lines mislead here
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare()
         except OSError:
             # Another run sharing data_dir may have finished first (rename race).
             if not make().is_prepared():
