@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.on_nonfinite = "stop"  # stop | skip
     t.peak_flops = 0.0  # FLOP/s of the whole host for MFU on CPU; 0: measure at start
     t.progress = "auto"  # auto (bar on a terminal) | bar | lines
+    t.compilation_cache_dir = "~/.cache/llm_jax/xla"  # persistent XLA cache; "": off
 
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 1e-3

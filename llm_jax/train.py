@@ -35,6 +35,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0.", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "Processes in the job.", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=fv)
+    flags.DEFINE_bool("compile_only", False, "Compile the train step for the configured mesh "
+                      "and report per-device memory; train nothing.", flag_values=fv)
 
 
 def parse_args(argv: list[str], fv: flags.FlagValues) -> tuple[ml_collections.ConfigDict, str]:
@@ -81,6 +83,9 @@ def main(argv: list[str]) -> None:
     fv = flags.FLAGS
     if not fv["verbosity"].present:
         console.quiet_libraries()
+    if fv.compile_only:
+        _compile_only(fv.config)
+        return
     _initialize_distributed(fv)
     from llm_jax import trainer  # heavy imports after the flags are known to be good
     from llm_jax.checkpoint import CheckpointError
@@ -100,6 +105,20 @@ def main(argv: list[str]) -> None:
             sys.stderr.flush()
             os._exit(code)
         sys.exit(code)
+
+
+def _compile_only(config: ml_collections.ConfigDict) -> None:
+    import jax
+    from llm_jax import aot
+    from llm_jax.config import ConfigError
+    # On CPU, a mesh bigger than this machine is made of fake host devices (set before
+    # JAX starts; accelerators ignore it).
+    jax.config.update("jax_num_cpu_devices", max(aot.mesh_devices(config.mesh), 1))
+    try:
+        print(aot.format_report(aot.compile_report(config)), flush=True)
+    except ConfigError as e:
+        sys.stderr.write(f"error: {one_line(e)}\n")
+        sys.exit(EXIT_USER)
 
 
 define_flags(flags.FLAGS)

@@ -94,6 +94,13 @@ def jit_eval_step(model: nn.Module, token_bytes: np.ndarray, param_sh: Any,
     return jax.jit(evaluate_, in_shardings=(param_sh, batch_sh), out_shardings=repl)
 
 
+def enable_compilation_cache(directory: str) -> None:
+    """Persistent XLA cache: a second start of the same config skips compiling."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def preflight(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """Every check of the config that needs no data: values, then the mesh against the
     devices, heads and batch. Raises ConfigError (one line) before anything is compiled."""
@@ -124,6 +131,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains to config.train.steps (resuming from WORKDIR/checkpoints) and evaluates."""
     t0 = time.perf_counter()
     preflight(config)
+    enable_compilation_cache(config.train.compilation_cache_dir)
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep,
                                    config.train.keep_every)

@@ -28,10 +28,11 @@ def train_one_step(config, state, mesh_shape, devices):
     tokens = np.arange(8 * SEQ, dtype=np.int32).reshape(8, SEQ) % 64
     batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
              "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape)}
+    before = int(state.step)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         step = trainer.jit_train_step(model, tx, lr, c.train, state_sh, batch_sh)
-        new, m = step(state, jax.device_put(batch, batch_sh))
-    assert int(new.step) == int(state.step) + 1
+        new, m = step(state, jax.device_put(batch, batch_sh))  # donates state
+    assert int(new.step) == before + 1
     return float(m["loss"])
 
 

@@ -1,0 +1,82 @@
+"""Ahead-of-time compilation of the train step, to learn per-device memory before running.
+
+`python -m llm_jax.train --config ... --compile_only` compiles the step for the configured
+mesh (on CPU, a mesh larger than the machine is made of fake host devices) and prints
+where each device's memory goes. Nothing is trained, no data is read.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from llm_jax import metrics, models, optim, sharding, trainer
+from llm_jax.models.layers import ModelConfig
+
+
+def mesh_devices(mesh_cfg: ml_collections.ConfigDict) -> int:
+    """Devices the mesh asks for (a -1 counts as 1: it takes whatever is present)."""
+    return math.prod(max(mesh_cfg[a], 1) for a in sharding.MESH_AXES)
+
+
+def per_device_bytes(abstract: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for leaf in jax.tree.leaves(abstract):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shard)) * leaf.dtype.itemsize
+    return total
+
+
+def compile_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Compiles the train step for config's mesh; returns per-device memory in bytes."""
+    mesh = trainer.preflight(config)
+    rules = sharding.rules(config.mesh)
+    t, seq = config.train, config.data.seq_len
+    cfg = ModelConfig.from_config(config.model, config.data.vocab_size, seq)
+    model = models.build(cfg, config.model.family)
+    tx, lr = optim.make(config.optim, t.steps)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        _, state_sh, abstract = trainer.state_init(model, tx, seq, t.seed, mesh, rules)
+        batch = {k: jax.ShapeDtypeStruct((t.batch_size, seq), np.int32, sharding=batch_sh)
+                 for k in ("tokens", "segment_ids", "positions")}
+        step = trainer.jit_train_step(model, tx, lr, t, state_sh, batch_sh,
+                                      deterministic=cfg.dropout == 0)
+        start = time.perf_counter()
+        compiled = step.lower(abstract, batch).compile()
+        seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    params = per_device_bytes(abstract.params)
+    opt = per_device_bytes(abstract.opt_state)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    return {
+        "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
+        "params": n_params, "compile_s": seconds,
+        "model_flops_per_token": metrics.flops_per_token(cfg, seq),
+        "params_bytes": params, "optimizer_bytes": opt,
+        "batch_bytes": per_device_bytes(batch),
+        # XLA's buffer assignment: activations kept for the backward pass and scratch space
+        "temporaries_bytes": int(mem.temp_size_in_bytes),
+        "generated_code_bytes": int(mem.generated_code_size_in_bytes),
+        "total_bytes": int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                           - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    mb = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    rows = [("mesh", str(r["mesh"])), ("device kind", r["device_kind"]),
+            ("parameters", f"{r['params'] / 1e6:,.1f}M"), ("compile", f"{r['compile_s']:.1f} s"),
+            ("params / device", mb(r["params_bytes"])),
+            ("optimizer state / device", mb(r["optimizer_bytes"])),
+            ("batch / device", mb(r["batch_bytes"])),
+            ("activations + temporaries / device", mb(r["temporaries_bytes"])),
+            ("total / device", mb(r["total_bytes"]))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

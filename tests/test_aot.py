@@ -1,0 +1,32 @@
+"""--compile_only: compile for a mesh larger than the machine and report memory per device."""
+import os
+import subprocess
+import sys
+
+from llm_jax import aot
+from llm_jax.config import base_config
+
+
+def test_compile_only_for_a_16_device_mesh_on_this_machine(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user runs it
+    r = subprocess.run([sys.executable, "-m", "llm_jax.train", "--config=configs/tiny.py",
+                        f"--workdir={tmp_path}/w", "--compile_only", "--config.mesh.data=1",
+                        "--config.mesh.fsdp=16", "--config.train.batch_size=16"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "'fsdp': 16" in r.stdout and "total / device" in r.stdout
+    assert not (tmp_path / "w").exists()  # nothing trained, nothing written
+
+
+def test_fsdp_splits_parameter_memory_across_devices():
+    c = base_config()
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 64, 4, 256
+    c.data.vocab_size, c.data.seq_len, c.train.batch_size = 512, 32, 8
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 8, 1, 1
+    replicated = aot.compile_report(c)
+    c.mesh.data, c.mesh.fsdp = 1, 8
+    sharded = aot.compile_report(c)
+    assert replicated["params_bytes"] == replicated["params"] * 4  # f32, whole copy
+    # fsdp shards every 'embed' axis 8 ways; only the small norm vectors stay whole
+    assert sharded["params_bytes"] < replicated["params_bytes"] / 6
+    assert sharded["optimizer_bytes"] < replicated["optimizer_bytes"] / 6
