@@ -62,14 +62,20 @@ class _DropClosedLoopTracebacks:
         self._block = None
 
     def flush(self) -> None:
-        self._flush_block()
-        if self._partial:
+        # A traceback still open here is another thread's, cut off mid-print: hold it.
+        if self._partial and self._block is None:
             self._stream.write(self._partial)
             self._partial = ""
         self._stream.flush()
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def error(message: str) -> None:
+    """The one line a user sees for a user error, written past any filtering."""
+    sys.__stderr__.write(f"error: {' '.join(message.split())}\n")
+    sys.__stderr__.flush()
 
 
 def quiet_libraries() -> None:

@@ -55,7 +55,7 @@ def _flags_parser(argv: list[str]) -> list[str]:
     try:
         parse_args(argv, flags.FLAGS)
     except UserError as e:
-        sys.stderr.write(f"error: {one_line(e)}\n")
+        console.error(str(e))
         sys.exit(EXIT_USER)
     return argv[:1]
 
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
     try:
         trainer.run(fv.config, fv.workdir)
     except tuple(c for c, _ in codes) as e:
-        sys.stderr.write(f"error: {one_line(e)}\n")
+        console.error(str(e))
         code = next(code for c, code in codes if isinstance(e, c))
         if code == EXIT_CHECKPOINT:  # Orbax's failed writer threads would print at shutdown
             sys.stdout.flush()
@@ -117,7 +117,7 @@ def _compile_only(config: ml_collections.ConfigDict) -> None:
     try:
         print(aot.format_report(aot.compile_report(config)), flush=True)
     except ConfigError as e:
-        sys.stderr.write(f"error: {one_line(e)}\n")
+        console.error(str(e))
         sys.exit(EXIT_USER)
 
 

@@ -81,3 +81,14 @@ def test_stderr_filter_drops_only_closed_loop_tracebacks():
     f.write(real[30:] + "error: the one line\n")
     f.flush()
     assert out.getvalue() == "line one\n" + real + "error: the one line\n"
+
+
+def test_stderr_filter_holds_a_traceback_cut_off_by_exit():
+    import io
+
+    from llm_jax import console
+    out = io.StringIO()
+    f = console._DropClosedLoopTracebacks(out)
+    f.write("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n")
+    f.flush()  # another thread was still printing it when the process decided to exit
+    assert out.getvalue() == ""
