@@ -82,3 +82,13 @@ def test_a_failed_save_is_one_error_and_keeps_earlier_checkpoints(tmp_path, monk
     with pytest.raises(checkpoint.CheckpointError, match="No space left.*earlier checkpoints"):
         ckpt.save(2, state, {}, config)
     assert os.listdir(tmp_path) == ["1"]
+
+
+def test_max_to_keep_and_milestones(tmp_path):
+    config, state, _ = setup((8, 1, 1), jax.devices())
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2, keep_every=3)
+    for step in range(1, 8):
+        ckpt.save(step, state, {"position": step}, config)
+    ckpt.close()
+    # the newest two, plus every 3rd step as a milestone
+    assert sorted(int(s) for s in os.listdir(tmp_path) if s.isdigit()) == [3, 6, 7]
