@@ -2,7 +2,7 @@
 
 Thin on purpose: flags in, `trainer.run(config, workdir)` out. User errors (bad keys,
 values, meshes, missing data) end with exit code 2 and one line; tracebacks mean bugs.
-Exit codes: 0 done, 2 user error, 3 non-finite loss, 4 checkpoint write failed,
+Exit codes: 0 done, 2 user error, 3 non-finite loss, 4 checkpoint write or restore failed,
 75 preempted by SIGTERM after saving (rerun to continue).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from llm_jax.overrides import UserError, check_overrides
 
 EXIT_USER = 2
 EXIT_NONFINITE = 3  # the loss or gradients became NaN/inf (train.on_nonfinite=stop)
-EXIT_CHECKPOINT = 4  # a checkpoint could not be written (disk full, unwritable workdir)
+EXIT_CHECKPOINT = 4  # a checkpoint could not be written, or none in the workdir restores
 
 
 def define_flags(fv: flags.FlagValues) -> None:

@@ -130,7 +130,7 @@ class Trainer:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains to config.train.steps (resuming from WORKDIR/checkpoints) and evaluates."""
     t0 = time.perf_counter()
-    preflight(config)
+    tr = Trainer(config, workdir)  # config, mesh and data errors surface before any write
     enable_compilation_cache(config.train.compilation_cache_dir)
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep,
@@ -138,7 +138,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     saved = ckpt.saved_config()
     if saved is not None:  # a workdir holds one run: refuse before touching anything
         config_lib.check_same_run(config, saved, workdir)
-    tr = Trainer(config, workdir)
     with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules), \
             preemption.Watcher() as watcher:
         try:

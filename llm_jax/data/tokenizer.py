@@ -219,6 +219,7 @@ def load_or_train(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
     path = cache_path(data_cfg)
     if not os.path.isfile(path):
         if jax.process_index() == 0:
+            sources.load_source(data_cfg, data_cfg.train_split)  # build the corpus first
             print(f"training a {data_cfg.vocab_size}-piece SentencePiece tokenizer on "
                   f"{data_cfg.name} (once; cached as {path})", flush=True)
             proto = train(data_cfg)
