@@ -96,8 +96,12 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if skip_nonfinite:  # keep the old params and moments, but move on to the next batch
         keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
+        # optax's step counters (integer scalars) still advance, so the schedule stays
+        # in step with state.step and the logged learning rate
+        keep_state = lambda n, o: n if n.ndim == 0 and jnp.issubdtype(  # noqa: E731
+            n.dtype, jnp.integer) else keep(n, o)
         new = new.replace(params=jax.tree.map(keep, params, state.params),
-                          opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                          opt_state=jax.tree.map(keep_state, opt_state, state.opt_state),
                           skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = {
         "loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite,

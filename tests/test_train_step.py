@@ -114,3 +114,30 @@ def test_a_mesh_that_does_not_fit_is_refused_before_compiling(override, needle):
     with pytest.raises(ConfigError, match=needle):
         mesh = sharding.make_mesh(c.mesh)
         sharding.check_fits(c, mesh, sharding.rules(c.mesh))
+
+
+def test_skip_drops_a_nonfinite_update_but_keeps_the_schedule_moving():
+    import jax.numpy as jnp
+    from llm_jax import steps
+    c = tiny_config()
+    c.model.dtype = "float32"
+    c.train.on_nonfinite = "skip"
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    rules = sharding.rules(c.mesh)
+    model = build(ModelConfig.from_config(c.model, 128, SEQ))
+    tx, lr = optim.make(c.optim, c.train.steps)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, _, _ = trainer.init_state(model, tx, SEQ, 0, mesh, rules)
+        # a NaN in one weight makes this step's loss and gradients NaN
+        bad = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan)
+                                                if p.ndim == 2 else p, state.params))
+        batch = synthetic_batches(1, c.train.batch_size)[0]
+        new, m = steps.train_step(bad, batch, model=model, tx=tx, lr_schedule=lr,
+                                  base_rng=jax.random.key(0), skip_nonfinite=True)
+    assert not bool(m["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # no update landed
+    counts = [x for x in jax.tree.leaves(new.opt_state) if x.ndim == 0]
+    assert counts and all(int(x) == 1 for x in counts)  # the schedule moved on
+    mu = jax.tree.leaves(new.opt_state[1][0].mu)
+    assert all(np.all(np.asarray(x) == 0) for x in mu)  # moments untouched by NaN grads
