@@ -44,10 +44,10 @@ def time_steps(fn, args_fn, steps: int) -> tuple[float, list[float], object]:
 def benchmark(config, steps: int, pipeline: bool) -> dict:
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from llm_jax import config as config_lib, metrics, models, optim, sharding, trainer
+    from llm_jax import config as config_lib
+    from llm_jax import metrics, models, optim, sharding, trainer
     from llm_jax.models.layers import ModelConfig
 
     config_lib.validate(config)
@@ -105,7 +105,8 @@ def benchmark(config, steps: int, pipeline: bool) -> dict:
         stats = [d.memory_stats() or {} for d in jax.local_devices()]
         res["device_peak_mem_mb"] = max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**20
     if pipeline:
-        from llm_jax.data import pipeline as data_pipeline, tokenizer
+        from llm_jax.data import pipeline as data_pipeline
+        from llm_jax.data import tokenizer
         tok = tokenizer.load_or_train(config.data)
         res["pipeline_tokens_per_sec"] = data_pipeline.measure_throughput(
             config.data, tok, t.batch_size, seconds=10)

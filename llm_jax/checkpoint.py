@@ -13,9 +13,9 @@ from typing import Any
 
 import grain
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):

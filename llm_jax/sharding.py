@@ -7,7 +7,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import ml_collections
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm_jax.config import ConfigError
 

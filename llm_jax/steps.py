@@ -68,8 +68,8 @@ def _grads(params: Any, batch: Batch, rng: Array, model: nn.Module, microbatches
     def body(carry, xs):
         loss, count, grads = carry
         micro, i = xs
-        (l, c), g = grad_fn(params, micro, jax.random.fold_in(rng, i), model, deterministic)
-        return (loss + l, count + c, jax.tree.map(jnp.add, grads, g)), None
+        (part, n), g = grad_fn(params, micro, jax.random.fold_in(rng, i), model, deterministic)
+        return (loss + part, count + n, jax.tree.map(jnp.add, grads, g)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)

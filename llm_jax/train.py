@@ -109,6 +109,7 @@ def main(argv: list[str]) -> None:
 
 def _compile_only(config: ml_collections.ConfigDict) -> None:
     import jax
+
     from llm_jax import aot
     from llm_jax.config import ConfigError
     # On CPU, a mesh bigger than this machine is made of fake host devices (set before

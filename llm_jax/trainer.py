@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from llm_jax import checkpoint, config as config_lib, evaluate, metrics, models, optim
-from llm_jax import preemption, sharding, steps
+from llm_jax import checkpoint, evaluate, metrics, models, optim, preemption, sharding, steps
+from llm_jax import config as config_lib
 from llm_jax.data import pipeline, sources, tokenizer
 from llm_jax.models.layers import ModelConfig
 
@@ -124,7 +124,6 @@ class Trainer:
         self.model = models.build(self.model_cfg, config.model.family)
         self.tx, self.lr = optim.make(config.optim, config.train.steps)
         self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
-
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

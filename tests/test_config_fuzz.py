@@ -7,7 +7,8 @@ import time
 import pytest
 from absl import flags
 
-from llm_jax import config as config_lib, train, trainer
+from llm_jax import config as config_lib
+from llm_jax import train, trainer
 from llm_jax.overrides import UserError
 
 INT_KEYS = ["train.steps", "train.batch_size", "train.log_every", "train.eval_every",

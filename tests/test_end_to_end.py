@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from data_fixtures import data_cfg  # noqa: F401  (session fixture: the prepared corpus)
 
 pytestmark = pytest.mark.slow

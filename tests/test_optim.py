@@ -44,6 +44,7 @@ def test_weight_decay_skips_norms_and_biases():
 def test_decay_mask_on_a_real_scanned_model():
     """Scanned layers stack norm scales to [layers, d]: they must still not decay."""
     import jax
+
     from llm_jax.models import build
     from llm_jax.models.layers import ModelConfig
     cfg = ModelConfig(vocab_size=64, num_layers=2, d_model=16, num_heads=2, num_kv_heads=2,

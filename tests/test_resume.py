@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from data_fixtures import data_cfg  # noqa: F401  (session fixture: the prepared corpus)
 
 pytestmark = pytest.mark.slow
@@ -162,7 +161,8 @@ def test_disk_full_during_a_save_stops_in_one_line_and_keeps_earlier(tmp_path,
                 "--config.train.max_to_keep=10", "--config.train.log_every=5")
         assert r.returncode == 4, r.stderr[-2000:]
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and "No space left" in lines[0] and "Traceback" not in r.stderr, r.stderr
+        assert len(lines) == 1 and "No space left" in lines[0], r.stderr
+        assert "Traceback" not in r.stderr
         kept = [s for s in os.listdir(small / "w" / "checkpoints") if s.isdigit()]
         assert kept  # every earlier checkpoint reads back whole
         for step in kept:

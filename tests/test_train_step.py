@@ -118,6 +118,7 @@ def test_a_mesh_that_does_not_fit_is_refused_before_compiling(override, needle):
 
 def test_skip_drops_a_nonfinite_update_but_keeps_the_schedule_moving():
     import jax.numpy as jnp
+
     from llm_jax import steps
     c = tiny_config()
     c.model.dtype = "float32"
