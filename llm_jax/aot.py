@@ -15,8 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from llm_jax import metrics, models, optim, sharding, trainer
-from llm_jax.models.layers import ModelConfig
+from llm_jax import metrics, sharding, trainer
 
 
 def mesh_devices(mesh_cfg: ml_collections.ConfigDict) -> int:
@@ -35,13 +34,9 @@ def per_device_bytes(abstract: Any) -> int:
 
 def compile_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Compiles the train step for config's mesh; returns per-device memory in bytes."""
-    mesh = trainer.preflight(config)
-    rules = sharding.rules(config.mesh)
-    t, seq = config.train, config.data.seq_len
-    cfg = ModelConfig.from_config(config.model, config.data.vocab_size, seq)
-    model = models.build(cfg, config.model.family)
-    tx, lr = optim.make(config.optim, t.steps)
-    batch_sh = sharding.batch_sharding(mesh, rules)
+    tr = trainer.Trainer(config, "", vocab_size=config.data.vocab_size)
+    t, seq, cfg = config.train, config.data.seq_len, tr.model_cfg
+    mesh, rules, model, tx, lr, batch_sh = tr.mesh, tr.rules, tr.model, tr.tx, tr.lr, tr.batch_sh
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         _, state_sh, abstract = trainer.state_init(model, tx, seq, t.seed, mesh, rules)
         batch = {k: jax.ShapeDtypeStruct((t.batch_size, seq), np.int32, sharding=batch_sh)

@@ -46,18 +46,11 @@ def benchmark(config, steps: int, pipeline: bool) -> dict:
     import jax
     import numpy as np
 
-    from llm_jax import config as config_lib
-    from llm_jax import metrics, models, optim, sharding, trainer
-    from llm_jax.models.layers import ModelConfig
+    from llm_jax import metrics, trainer
 
-    config_lib.validate(config)
-    t, seq = config.train, config.data.seq_len
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
-    sharding.check_fits(config, mesh, rules)
-    cfg = ModelConfig.from_config(config.model, config.data.vocab_size, seq)
-    model = models.build(cfg, config.model.family)
-    tx, lr = optim.make(config.optim, t.steps)
-    batch_sh = sharding.batch_sharding(mesh, rules)
+    tr = trainer.Trainer(config, "", vocab_size=config.data.vocab_size)
+    t, seq, cfg = config.train, config.data.seq_len, tr.model_cfg
+    mesh, rules, model, tx, lr, batch_sh = tr.mesh, tr.rules, tr.model, tr.tx, tr.lr, tr.batch_sh
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (t.batch_size, seq)).astype(np.int32)
     batch = jax.device_put({"tokens": tokens, "segment_ids": np.ones_like(tokens),

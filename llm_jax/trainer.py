@@ -81,7 +81,7 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: optax
         steps.train_step, model=model, tx=tx, lr_schedule=lr, base_rng=jax.random.key(t.seed),
         microbatches=t.microbatches, skip_nonfinite=t.on_nonfinite == "skip",
         deterministic=deterministic)
-    repl = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+    repl = sharding.replicated(batch_sh.mesh)
     return jax.jit(train, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                    donate_argnums=0)
 
@@ -90,7 +90,7 @@ def jit_eval_step(model: nn.Module, token_bytes: np.ndarray, param_sh: Any,
                   batch_sh: Any) -> Any:
     evaluate_ = functools.partial(steps.eval_step, model=model,
                                   token_bytes=jnp.asarray(token_bytes, jnp.float32))
-    repl = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+    repl = sharding.replicated(batch_sh.mesh)
     return jax.jit(evaluate_, in_shardings=(param_sh, batch_sh), out_shardings=repl)
 
 
@@ -111,16 +111,21 @@ def preflight(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 class Trainer:
-    """Everything a run needs, built once from the config."""
+    """Everything a run needs, built once from the config.
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    With `vocab_size` given no tokenizer is loaded (benchmarks and AOT compiles use
+    synthetic tokens).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+                 vocab_size: int | None = None):
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         self.rules = sharding.rules(config.mesh)
         self.mesh = preflight(config)
-        self.tok = tokenizer.load_or_train(config.data)
-        self.model_cfg = ModelConfig.from_config(config.model, self.tok.vocab_size,
-                                                 config.data.seq_len)
+        self.tok = None if vocab_size else tokenizer.load_or_train(config.data)
+        self.model_cfg = ModelConfig.from_config(
+            config.model, vocab_size or self.tok.vocab_size, config.data.seq_len)
         self.model = models.build(self.model_cfg, config.model.family)
         self.tx, self.lr = optim.make(config.optim, config.train.steps)
         self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
