@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from llm_jax import metrics, sharding, trainer
+from llm_jax import objectives, sharding, trainer
 
 
 def mesh_devices(mesh_cfg: ml_collections.ConfigDict) -> int:
@@ -34,14 +34,14 @@ def per_device_bytes(abstract: Any) -> int:
 
 def compile_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Compiles the train step for config's mesh; returns per-device memory in bytes."""
-    tr = trainer.Trainer(config, "", vocab_size=config.data.vocab_size)
-    t, seq, cfg = config.train, config.data.seq_len, tr.model_cfg
+    tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config))
+    t, cfg = config.train, tr.model_cfg
     mesh, rules, model, tx, lr, batch_sh = tr.mesh, tr.rules, tr.model, tr.tx, tr.lr, tr.batch_sh
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        _, state_sh, abstract = trainer.state_init(model, tx, seq, t.seed, mesh, rules)
-        batch = {k: jax.ShapeDtypeStruct((t.batch_size, seq), np.int32, sharding=batch_sh)
-                 for k in ("tokens", "segment_ids", "positions")}
-        step = trainer.jit_train_step(model, tx, lr, t, state_sh, batch_sh,
+        _, state_sh, abstract = trainer.state_init(model, tx, tr.example, t.seed, mesh, rules)
+        batch = {k: jax.ShapeDtypeStruct((t.batch_size, *shape), np.int32, sharding=batch_sh)
+                 for k, shape in objectives.feature_shapes(config).items()}
+        step = trainer.jit_train_step(model, tr.objective, tx, lr, t, state_sh, batch_sh,
                                       deterministic=cfg.dropout == 0)
         start = time.perf_counter()
         compiled = step.lower(abstract, batch).compile()
@@ -53,7 +53,7 @@ def compile_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {
         "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
         "params": n_params, "compile_s": seconds,
-        "model_flops_per_token": metrics.flops_per_token(cfg, seq),
+        "model_flops_per_token": tr.flops_per_token(),
         "params_bytes": params, "optimizer_bytes": opt,
         "batch_bytes": per_device_bytes(batch),
         # XLA's buffer assignment: activations kept for the backward pass and scratch space

@@ -46,23 +46,20 @@ def benchmark(config, steps: int, pipeline: bool) -> dict:
     import jax
     import numpy as np
 
-    from llm_jax import metrics, trainer
+    from llm_jax import metrics, objectives, trainer
 
-    tr = trainer.Trainer(config, "", vocab_size=config.data.vocab_size)
+    tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config))
     t, seq, cfg = config.train, config.data.seq_len, tr.model_cfg
     mesh, rules, model, tx, lr, batch_sh = tr.mesh, tr.rules, tr.model, tr.tx, tr.lr, tr.batch_sh
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, (t.batch_size, seq)).astype(np.int32)
-    batch = jax.device_put({"tokens": tokens, "segment_ids": np.ones_like(tokens),
-                            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32),
-                                                         tokens.shape).copy()}, batch_sh)
+    batch = jax.device_put(objectives.dummy_batch(config, t.batch_size, np.random.default_rng(0),
+                                                  cfg.vocab_size), batch_sh)
     res: dict = {"config": config.model.to_dict(), "devices": jax.device_count(),
                  "device_kind": jax.devices()[0].device_kind, "batch_size": t.batch_size,
                  "seq_len": seq}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         start = time.perf_counter()
-        state, state_sh, _ = trainer.init_state(model, tx, seq, t.seed, mesh, rules)
-        train_fn = trainer.jit_train_step(model, tx, lr, t, state_sh, batch_sh)
+        state, state_sh, _ = trainer.init_state(model, tx, tr.example, t.seed, mesh, rules)
+        train_fn = trainer.jit_train_step(model, tr.objective, tx, lr, t, state_sh, batch_sh)
         compiled = train_fn.lower(state, batch).compile()
         res["compile_s"] = time.perf_counter() - start
         holder = {"state": state}
@@ -75,12 +72,12 @@ def benchmark(config, steps: int, pipeline: bool) -> dict:
         first, times, last = time_steps(compiled, train_args, steps)
         train_args(last)
         res["first_step_s"] = res["compile_s"] + first
-        eval_fn = trainer.jit_eval_step(model, np.ones(cfg.vocab_size), state_sh.params,
-                                        batch_sh)
+        eval_fn = trainer.jit_eval_step(model, tr.objective, np.ones(cfg.vocab_size),
+                                        state_sh.params, batch_sh)
         _, eval_times, _ = time_steps(eval_fn, lambda _: (holder["state"].params, batch), steps)
-    tokens_per_step = t.batch_size * seq
+    tokens_per_step = tr.tokens_per_step
     med = statistics.median(times)
-    flops = metrics.flops_per_token(cfg, seq)
+    flops = tr.flops_per_token()
     peak, peak_src = metrics.peak_flops(t.peak_flops, cfg.dtype)
     res.update({
         "step_time_median_s": med, "step_time_min_s": min(times), "step_time_max_s": max(times),
@@ -91,13 +88,13 @@ def benchmark(config, steps: int, pipeline: bool) -> dict:
         "mfu": tokens_per_step / med * flops / peak if peak else None,
         "eval_tokens_per_sec": tokens_per_step / statistics.median(eval_times),
         "eval_mfu": (tokens_per_step / statistics.median(eval_times)
-                     * metrics.flops_per_token(cfg, seq, training=False) / peak)
+                     * tr.flops_per_token(training=False) / peak)
         if peak else None,
     })
     if jax.devices()[0].platform != "cpu":
         stats = [d.memory_stats() or {} for d in jax.local_devices()]
         res["device_peak_mem_mb"] = max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**20
-    if pipeline:
+    if pipeline and config.model.family == "decoder":
         from llm_jax.data import pipeline as data_pipeline
         from llm_jax.data import tokenizer
         tok = tokenizer.load_or_train(config.data)

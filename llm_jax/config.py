@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from llm_jax.objectives import FAMILY_OBJECTIVES
+
 # Logical axis name -> mesh axes. One table; changing the parallelism is a config edit.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
@@ -36,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = m = ml_collections.ConfigDict()
-    m.family = "decoder"
+    m.family = "decoder"  # decoder (GPT/LLaMA) | encoder (BERT) | encoder_decoder (T5)
     m.num_layers = 4
     m.d_model = 256
     m.num_heads = 4
@@ -57,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | full | dots | dots_no_batch
     m.qkv_conv = 0  # >0: causal depthwise conv of this width on q, k, v (Primer); 0: off
     m.attention_impl = "auto"  # auto | xla | cudnn  (cudnn: flash attention on NVIDIA GPUs)
+    m.num_decoder_layers = 0  # encoder_decoder: decoder depth; 0: num_layers
+    m.left_to_right = False  # encoder: causal attention (BERT's left-to-right ablation)
+    m.num_classes = 2  # encoder: classes of the classification head
 
     c.data = d = ml_collections.ConfigDict()
     d.name = "stdlib_source"
@@ -64,13 +69,28 @@ def base_config() -> ml_collections.ConfigDict:
     d.text_feature = "text"
     d.train_split = "train"
     d.eval_split = "validation"
-    d.seq_len = 256
+    d.seq_len = 256  # rows of tokens; the encoder side for encoder_decoder
+    d.target_seq_len = 0  # encoder_decoder: decoder side length; 0: seq_len
     d.vocab_size = 8192
     d.tokenizer_path = ""  # empty: train on the train split on first use and cache
     d.tokenizer_train_bytes = 8_000_000
     d.tokenizer_pieces = "spans"  # spans: pieces may cross spaces ("):\n    ") | words
     d.worker_threads = 2
     d.prefetch = 2
+
+    c.task = k = ml_collections.ConfigDict()
+    k.objective = "next_token"  # next_token | mlm | classification | span_corruption | seq2seq
+    k.nsp = True  # mlm: B follows A in half the pairs, and an NSP head learns which
+    k.mlm_prob = 0.15  # mlm: share of non-special tokens chosen (80% [MASK], 10% random)
+    k.whole_word = False  # mlm: choose whole words (pieces glued by letters/digits/_)
+    k.noise_density = 0.15  # span_corruption: share of tokens dropped into spans
+    k.mean_span_length = 3.0  # span_corruption
+    k.inputs_feature = "source"  # seq2seq: the dataset features read as input and output
+    k.targets_feature = "target"
+    k.text_a_feature = "text_a"  # classification: the sentence pair and its label
+    k.text_b_feature = "text_b"
+    k.label_feature = "label"
+    k.bleu_examples = 0  # seq2seq: greedy-decode this many eval examples for BLEU; 0: off
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
@@ -87,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.peak_flops = 0.0  # FLOP/s of the whole host for MFU on CPU; 0: measure at start
     t.progress = "auto"  # auto (bar on a terminal) | bar | lines
     t.compilation_cache_dir = "~/.cache/llm_jax/xla"  # persistent XLA cache; "": off
+    t.init_from = ""  # a pretrained run's workdir: start from its matching parameters
 
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 1e-3
@@ -108,7 +129,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 CHOICES = {
-    "model.family": ("decoder",),
+    "model.family": ("decoder", "encoder", "encoder_decoder"),
+    "task.objective": ("next_token", "mlm", "classification", "span_corruption", "seq2seq"),
     "data.tokenizer_pieces": ("spans", "words"),
     "model.activation": ("gelu", "swiglu", "relu"),
     "model.norm": ("layernorm", "rmsnorm"),
@@ -125,10 +147,11 @@ POSITIVE = (
     "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
     "data.seq_len", "data.vocab_size", "data.tokenizer_train_bytes", "data.prefetch",
     "train.steps", "train.batch_size", "train.microbatches", "train.log_every",
-    "train.eval_every", "train.checkpoint_every", "train.max_to_keep",
+    "train.eval_every", "train.checkpoint_every", "train.max_to_keep", "model.num_classes",
 )
 NON_NEGATIVE = (
-    "model.num_kv_heads", "model.head_dim", "model.qkv_conv", "model.max_len", "model.dropout",
+    "model.num_kv_heads", "model.head_dim", "model.num_decoder_layers", "data.target_seq_len",
+    "task.bleu_examples", "model.qkv_conv", "model.max_len", "model.dropout",
     "data.worker_threads", "train.eval_batches", "train.keep_every", "train.peak_flops",
     "optim.learning_rate", "optim.warmup_steps", "optim.end_lr_ratio", "optim.weight_decay",
     "optim.grad_clip", "optim.eps",
@@ -176,7 +199,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in NON_NEGATIVE:
         if not get(config, key) >= 0:
             raise ConfigError(f"config.{key}={get(config, key)!r} must be >= 0")
-    m, t = config.model, config.train
+    m, t, k = config.model, config.train, config.task
+    allowed = FAMILY_OBJECTIVES[m.family]
+    if k.objective not in allowed:
+        raise ConfigError(f"config.task.objective={k.objective!r} does not train model.family="
+                          f"{m.family!r}; use one of {allowed}")
+    if m.family == "encoder" and (k.objective == "next_token") != m.left_to_right:
+        raise ConfigError("config.task.objective='next_token' on the encoder needs "
+                          "model.left_to_right=True and the other way round")
+    for key in ("task.mlm_prob", "task.noise_density"):
+        if not 0 < get(config, key) < 1:
+            raise ConfigError(f"config.{key}={get(config, key)!r} must be in (0, 1)")
+    if k.mean_span_length < 1:
+        raise ConfigError(f"config.task.mean_span_length={k.mean_span_length} must be >= 1")
     if m.d_model % m.num_heads and not m.head_dim:
         raise ConfigError(
             f"config.model.d_model={m.d_model} is not divisible by model.num_heads="
@@ -208,8 +243,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 # What fixes a run: the model, the data, and the order the data comes in. Where the
 # data lives and how fast it is read may change between the runs of one workdir.
-SAME_RUN = ("model.", "data.", "train.seed", "train.batch_size")
-RESUMABLE_DIFFERENCES = ("data.data_dir", "data.worker_threads", "data.prefetch")
+SAME_RUN = ("model.", "data.", "task.", "train.seed", "train.batch_size", "train.init_from")
+RESUMABLE_DIFFERENCES = ("data.data_dir", "data.worker_threads", "data.prefetch",
+                         "task.bleu_examples")
 
 
 def check_same_run(config: ml_collections.ConfigDict, saved: dict, workdir: str) -> None:

@@ -11,23 +11,34 @@ import numpy as np
 
 
 def run_eval(eval_fn: Callable, params, batches: Iterable) -> dict[str, float]:
-    """Sums exact counts over the batches, then forms the ratios once (no mean of means)."""
+    """Sums exact counts over the batches, then forms the ratios once (no mean of means).
+
+    Returns "loss" (the sum of the parts' mean losses) and per part "{part}_loss" and
+    "{part}_accuracy"; with one part, "accuracy"; for the "lm" part "perplexity", and
+    "bits_per_byte" over the raw bytes its targets spell.
+    """
     totals: dict[str, float] = {}
     for batch in batches:
         out = jax.device_get(eval_fn(params, batch))
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(np.asarray(v, np.float64))
-    tokens = max(totals.get("tokens", 0.0), 1.0)
-    loss = totals.get("loss_sum", 0.0) / tokens
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
+    parts = sorted(k[:-len("_count")] for k in totals if k.endswith("_count"))
+    res: dict[str, float] = {"loss": 0.0}
+    for p in parts:
+        count = max(totals[f"{p}_count"], 1.0)
+        res[f"{p}_loss"] = totals[f"{p}_loss_sum"] / count
+        res[f"{p}_accuracy"] = totals[f"{p}_correct"] / count
+        res[f"{p}_count"] = totals[f"{p}_count"]
+        res["loss"] += res[f"{p}_loss"]
+    if len(parts) == 1:
+        res["accuracy"] = res[f"{parts[0]}_accuracy"]
+    if "lm" in parts:
+        res["perplexity"] = math.exp(min(res["lm_loss"], 700.0))
+        res["tokens"] = totals["lm_count"]
+        res["bytes"] = totals.get("bytes", 0.0)
         # summed log-loss in bits over the raw UTF-8 bytes those tokens spell
-        "bits_per_byte": totals.get("loss_sum", 0.0) / math.log(2) / max(totals["bytes"], 1.0),
-        "accuracy": totals.get("correct", 0.0) / tokens,
-        "tokens": totals.get("tokens", 0.0),
-        "bytes": totals.get("bytes", 0.0),
-    }
+        res["bits_per_byte"] = totals["lm_loss_sum"] / math.log(2) / max(res["bytes"], 1.0)
+    return res
 
 
 def compressor_bits_per_byte(text: bytes) -> dict[str, float]:

@@ -1,10 +1,13 @@
 """Model FLOPs and MFU, peak FLOP/s, and metric writers (jsonl, TensorBoard, console).
 
 FLOPs (one place, used by training logs and the benchmark). Per token, with N the
-parameters that take part in matmuls (attention and MLP kernels and the LM head; not the
-input or position embeddings, which are lookups):
+parameters that take part in matmuls (attention and MLP kernels and the LM or MLM head;
+not the input, position or token-type embeddings, which are lookups):
     forward  = 2·N + 4·L·T·H·d_head      (QKᵀ and AV over the full T×T matrix, as XLA does)
     training = 3 × forward = 6·N + 12·L·T·H·d_head
+The encoder counts like the decoder (same matrix, no mask savings). The encoder–decoder
+adds cross-attention (QKᵀ and AV over T_out×T_in, k/v projections over the T_in encoder
+positions) and is reported per position of inputs plus targets.
 MFU = achieved model FLOP/s ÷ peak FLOP/s of the devices used.
 """
 from __future__ import annotations
@@ -28,16 +31,43 @@ PEAK_FLOPS = {
 }
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul for every token."""
-    attn = cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+def _layer_params(cfg: ModelConfig, cross: bool = False) -> tuple[int, int]:
+    """Matmul parameters of one block: (per query token, per key/value token).
+
+    Self-attention and the MLP run on every token; cross-attention's q and out
+    projections run on decoder tokens, its k and v on encoder tokens.
+    """
+    q_o = cfg.d_model * cfg.head_dim * 2 * cfg.num_heads
+    k_v = cfg.d_model * cfg.head_dim * 2 * cfg.num_kv_heads
     mlp = cfg.d_model * cfg.mlp_dim * (3 if cfg.activation == "swiglu" else 2)
-    return cfg.num_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+    return q_o + k_v + mlp + (q_o if cross else 0), k_v if cross else 0
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
-    attn = 4 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
-    forward = 2 * matmul_params(cfg) + attn
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters of a decoder or encoder that take part in a matmul for every token."""
+    heads = cfg.d_model * cfg.vocab_size  # the LM / MLM output head
+    if "mlm" in cfg.heads:
+        heads += cfg.d_model * cfg.d_model  # BERT's transform before the tied logits
+    return cfg.num_layers * _layer_params(cfg)[0] + heads
+
+
+def flops_per_token(cfg: ModelConfig, family: str, seq_len: int, target_len: int = 0,
+                    training: bool = True) -> float:
+    """Model FLOPs per position (for encoder_decoder, per input and target position).
+
+    Attention scores count the whole T×T matrix whether causal or bidirectional: that is
+    what XLA computes (masked entries are computed, then discarded).
+    """
+    hd = cfg.num_heads * cfg.head_dim
+    if family == "encoder_decoder":
+        n_in, n_out = seq_len, target_len or seq_len
+        per_q, per_kv = _layer_params(cfg, cross=True)
+        enc = cfg.num_layers * (2 * _layer_params(cfg)[0] * n_in + 4 * n_in * n_in * hd)
+        dec = cfg.decoder_depth * (2 * per_q * n_out + 2 * per_kv * n_in
+                                        + 4 * n_out * n_out * hd + 4 * n_out * n_in * hd)
+        forward = (enc + dec + 2 * cfg.d_model * cfg.vocab_size * n_out) / (n_in + n_out)
+    else:
+        forward = 2 * matmul_params(cfg) + 4 * cfg.num_layers * seq_len * hd
     return 3 * forward if training else forward
 
 
@@ -128,7 +158,9 @@ def train_record(m: dict[str, Any], tokens_per_sec: float, step_time: float,
             "update_norm": float(m["update_norm"]), "tokens_per_sec": tokens_per_sec,
             "step_time_s": step_time,
             "mfu": tokens_per_sec * flops_per_tok / peak if peak else 0.0,
-            "skipped_steps": float(m["skipped_steps"])}
+            "skipped_steps": float(m["skipped_steps"]),
+            **{k: float(v) for k, v in m.items() if k.endswith("accuracy") or
+               (k.endswith("_loss") and k != "loss")}}
 
 
 class StepTimer:

@@ -88,8 +88,9 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rule_table: tuple) -> Any:
 
 
 def batch_sharding(mesh: Mesh, rule_table: tuple) -> NamedSharding:
-    """Rows over the 'batch' logical axis, sequence replicated."""
-    spec = nn.logical_to_mesh_axes(("batch", None), rule_table)
+    """Rows over the 'batch' logical axis; any further dims (sequence) replicated, so one
+    sharding serves [batch] labels and [batch, length] tokens alike."""
+    spec = nn.logical_to_mesh_axes(("batch",), rule_table)
     return NamedSharding(mesh, spec)
 
 

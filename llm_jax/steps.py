@@ -1,8 +1,4 @@
-"""Pure train and eval steps for next-token prediction on packed rows.
-
-A batch is {'tokens', 'segment_ids', 'positions'} of shape [batch, length]. Position t
-predicts token t+1 when both lie in the same (non-padding) segment.
-"""
+"""Pure train and eval steps for any family and objective (see objectives.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from llm_jax.objectives import Objective, Part
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -25,70 +23,66 @@ class TrainState:
     skipped: Array  # updates dropped for a non-finite loss or gradient (on_nonfinite=skip)
 
 
-def next_token_targets(batch: Batch) -> tuple[Array, Array]:
-    """Targets shifted left by one and a 0/1 weight of which positions are scored."""
-    tokens, seg = batch["tokens"], batch["segment_ids"]
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
-    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-    return targets, jnp.pad(same, ((0, 0), (0, 1))).astype(jnp.float32)
+def forward(model: nn.Module, objective: Objective, params: Any, batch: Batch,
+            rng: Array | None, deterministic: bool) -> dict[str, Part]:
+    """The model on a batch, scored part by part."""
+    out = model.apply({"params": params}, batch, deterministic=deterministic,
+                      rngs=None if deterministic else {"dropout": rng})
+    return objective.parts(out, batch)
 
 
-def token_losses(model: nn.Module, params: Any, batch: Batch, rng: Array | None,
-                 deterministic: bool) -> tuple[Array, Array, Array]:
-    """Per-position cross entropy (nats), weights and targets."""
-    logits = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                         batch["segment_ids"], deterministic=deterministic,
-                         rngs=None if deterministic else {"dropout": rng})
-    targets, weights = next_token_targets(batch)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return loss, weights, (jnp.argmax(logits, -1) == targets)
+def _loss(params: Any, batch: Batch, rng: Array, model: nn.Module, objective: Objective,
+          totals: dict[str, Array], deterministic: bool) -> tuple[Array, dict[str, Array]]:
+    """Σ over parts of (summed loss / the whole batch's weight), and per-part sums."""
+    parts = forward(model, objective, params, batch, rng, deterministic)
+    loss, sums = jnp.zeros((), jnp.float32), {}
+    for name, (item_loss, hit, w) in parts.items():
+        part_sum = jnp.sum(item_loss * w)
+        loss = loss + part_sum / jnp.maximum(totals[name], 1.0)
+        sums[f"{name}_loss_sum"], sums[f"{name}_correct"] = part_sum, jnp.sum(hit * w)
+    return loss, sums
 
 
-def _loss_sum(params: Any, batch: Batch, rng: Array, model: nn.Module,
-              deterministic: bool) -> tuple[Array, Array]:
-    loss, weights, _ = token_losses(model, params, batch, rng, deterministic)
-    return jnp.sum(loss * weights), jnp.sum(weights)
+def _grads(params: Any, batch: Batch, rng: Array, model: nn.Module, objective: Objective,
+           microbatches: int, deterministic: bool) -> tuple[Array, dict[str, Array], Any]:
+    """Loss, per-part sums and gradients, accumulated over microbatches if asked.
 
-
-def _grads(params: Any, batch: Batch, rng: Array, model: nn.Module, microbatches: int,
-           deterministic: bool) -> tuple[Array, Array, Any]:
-    """Summed loss, token count and summed gradients, over microbatches if asked.
-
-    Summing, then dividing once by the total token count, makes accumulation give the same
-    update as the full batch even when microbatches hold different numbers of tokens.
+    Each part is normalized by the whole batch's weight (known before the forward pass),
+    so accumulation gives the same update as the full batch even when microbatches hold
+    different numbers of scored items.
     """
-    grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
+    totals = {k: jnp.sum(w) for k, w in objective.weights(batch).items()}
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
     if microbatches == 1:
-        (loss, count), grads = grad_fn(params, batch, rng, model, deterministic)
-        return loss, count, grads
+        (loss, sums), grads = grad_fn(params, batch, rng, model, objective, totals,
+                                      deterministic)
+        return loss, sums, grads
 
     def split(x: Array) -> Array:  # row j*m + i goes to microbatch i: each stays spread out
         return x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
 
     def body(carry, xs):
-        loss, count, grads = carry
         micro, i = xs
-        (part, n), g = grad_fn(params, micro, jax.random.fold_in(rng, i), model, deterministic)
-        return (loss + part, count + n, jax.tree.map(jnp.add, grads, g)), None
+        (part, sums), g = grad_fn(params, micro, jax.random.fold_in(rng, i), model, objective,
+                                  totals, deterministic)
+        return jax.tree.map(jnp.add, carry, (part, sums, g)), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-    (loss, count, grads), _ = jax.lax.scan(
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, {k: zero for name in totals for k in (f"{name}_loss_sum", f"{name}_correct")},
+            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    (loss, sums, grads), _ = jax.lax.scan(
         body, init, (jax.tree.map(split, batch), jnp.arange(microbatches)))
-    return loss, count, grads
+    return loss, sums, grads
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module, objective: Objective,
                tx: optax.GradientTransformation, lr_schedule: optax.Schedule, base_rng: Array,
                microbatches: int = 1, skip_nonfinite: bool = False,
                deterministic: bool = True) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update. Randomness is fold_in(base_rng, step): a step is reproducible."""
     rng = jax.random.fold_in(base_rng, state.step)
-    loss_sum, count, grads = _grads(state.params, batch, rng, model, microbatches,
-                                    deterministic)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    loss = loss_sum / denom
+    loss, sums, grads = _grads(state.params, batch, rng, model, objective, microbatches,
+                               deterministic)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -104,18 +98,27 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                           opt_state=jax.tree.map(keep_state, opt_state, state.opt_state),
                           skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = {
-        "loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite,
+        "loss": loss, "grad_norm": grad_norm, "finite": finite,
         "param_norm": optax.tree.norm(new.params), "update_norm": optax.tree.norm(updates),
         "learning_rate": lr_schedule(state.step), "skipped_steps": new.skipped,
     }
+    totals = {k: jnp.sum(w) for k, w in objective.weights(batch).items()}
+    for name, total in totals.items():  # per part only when there are several
+        prefix = f"{name}_" if len(totals) > 1 else ""
+        if len(totals) > 1:
+            metrics[f"{name}_loss"] = sums[f"{name}_loss_sum"] / jnp.maximum(total, 1.0)
+        metrics[f"{prefix}accuracy"] = sums[f"{name}_correct"] / jnp.maximum(total, 1.0)
     return new, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module,
+def eval_step(params: Any, batch: Batch, *, model: nn.Module, objective: Objective,
               token_bytes: Array) -> dict[str, Array]:
-    """Sums for exact corpus-level metrics: nats, tokens, raw bytes of targets, hits."""
-    loss, weights, hits = token_losses(model, params, batch, None, True)
-    targets, _ = next_token_targets(batch)
-    return {"loss_sum": jnp.sum(loss * weights), "tokens": jnp.sum(weights),
-            "bytes": jnp.sum(token_bytes[targets] * weights),
-            "correct": jnp.sum(hits * weights)}
+    """Sums for exact corpus-level metrics per part: nats, weight, hits; and for the
+    "lm" part the raw bytes its targets spell."""
+    out = {}
+    for name, (loss, hit, w) in forward(model, objective, params, batch, None, True).items():
+        out.update({f"{name}_loss_sum": jnp.sum(loss * w), f"{name}_count": jnp.sum(w),
+                    f"{name}_correct": jnp.sum(hit * w)})
+        if name == "lm" and objective.name != "span_corruption":  # sentinels spell no text
+            out["bytes"] = jnp.sum(token_bytes[objective.scored_tokens(batch)] * w)
+    return out

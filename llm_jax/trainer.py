@@ -16,9 +16,21 @@ import ml_collections
 import numpy as np
 import optax
 
-from llm_jax import checkpoint, evaluate, metrics, models, optim, preemption, sharding, steps
+from llm_jax import (
+    checkpoint,
+    evaluate,
+    finetune,
+    generate,
+    metrics,
+    models,
+    objectives,
+    optim,
+    preemption,
+    sharding,
+    steps,
+)
 from llm_jax import config as config_lib
-from llm_jax.data import pipeline, sources, tokenizer
+from llm_jax.data import pipeline, sources, tasks, tokenizer
 from llm_jax.models.layers import ModelConfig
 
 
@@ -26,22 +38,17 @@ class NonFiniteError(RuntimeError):
     """The loss or gradient became NaN/inf and train.on_nonfinite is 'stop'."""
 
 
-def dummy_batch(batch_size: int, seq_len: int) -> dict[str, jax.Array]:
-    ids = jnp.zeros((batch_size, seq_len), jnp.int32)
-    return {"tokens": ids, "segment_ids": ids + 1,
-            "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), ids.shape)}
-
-
-def state_init(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
+def state_init(model: nn.Module, tx: optax.GradientTransformation, example: dict, seed: int,
                mesh: jax.sharding.Mesh, rule_table: tuple) -> tuple[Any, Any, Any]:
     """Parameters and optimizer state born sharded: eval_shape → shardings → jit(init).
 
-    Returns (init: () -> state, state shardings, abstract state with shardings). Nothing
-    is allocated until init() is called, so a resume restores without a second copy.
+    `example` is a batch of the right shapes (`objectives.dummy_batch`). Returns
+    (init: (params=None) -> state, state shardings, abstract state with shardings).
+    Nothing is allocated until init() is called, so a resume restores without a second
+    copy; init(params) starts from given parameters (fine-tuning) with fresh moments.
     """
     def boxed_params(rng):
-        b = dummy_batch(1, seq_len)
-        return model.init(rng, b["tokens"], b["positions"], b["segment_ids"])["params"]
+        return model.init(rng, example)["params"]
 
     rng = jax.random.fold_in(jax.random.key(seed), 0x1517)  # the init stream
     boxed = jax.eval_shape(boxed_params, rng)
@@ -55,30 +62,36 @@ def state_init(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
                                    transform_non_params=lambda _: repl)
     state_sh = steps.TrainState(step=repl, params=param_sh, opt_state=opt_sh, skipped=repl)
 
-    def init(rng):
-        params = nn.meta.unbox(boxed_params(rng))
+    def state_from(params):
         return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32))
 
+    def init(rng):
+        return state_from(nn.meta.unbox(boxed_params(rng)))
+
     init_fn = jax.jit(init, out_shardings=state_sh)
+    from_fn = jax.jit(state_from, in_shardings=(param_sh,), out_shardings=state_sh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(init, rng), state_sh)
-    return functools.partial(init_fn, rng), state_sh, abstract
+    return (lambda params=None: init_fn(rng) if params is None else from_fn(params),
+            state_sh, abstract)
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
+def init_state(model: nn.Module, tx: optax.GradientTransformation, example: dict, seed: int,
                mesh: jax.sharding.Mesh, rule_table: tuple) -> tuple[Any, Any, Any]:
     """(state, state shardings, abstract state): `state_init` called at once."""
-    init, state_sh, abstract = state_init(model, tx, seq_len, seed, mesh, rule_table)
+    init, state_sh, abstract = state_init(model, tx, example, seed, mesh, rule_table)
     return init(), state_sh, abstract
 
 
-def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: optax.Schedule,
+def jit_train_step(model: nn.Module, objective: objectives.Objective,
+                   tx: optax.GradientTransformation, lr: optax.Schedule,
                    t: ml_collections.ConfigDict, state_sh: Any, batch_sh: Any,
                    deterministic: bool = True) -> Any:
     """The train step as one jit with explicit shardings; the state is donated."""
     train = functools.partial(
-        steps.train_step, model=model, tx=tx, lr_schedule=lr, base_rng=jax.random.key(t.seed),
+        steps.train_step, model=model, objective=objective, tx=tx, lr_schedule=lr,
+        base_rng=jax.random.key(t.seed),
         microbatches=t.microbatches, skip_nonfinite=t.on_nonfinite == "skip",
         deterministic=deterministic)
     repl = sharding.replicated(batch_sh.mesh)
@@ -86,9 +99,9 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, lr: optax
                    donate_argnums=0)
 
 
-def jit_eval_step(model: nn.Module, token_bytes: np.ndarray, param_sh: Any,
-                  batch_sh: Any) -> Any:
-    evaluate_ = functools.partial(steps.eval_step, model=model,
+def jit_eval_step(model: nn.Module, objective: objectives.Objective, token_bytes: np.ndarray,
+                  param_sh: Any, batch_sh: Any) -> Any:
+    evaluate_ = functools.partial(steps.eval_step, model=model, objective=objective,
                                   token_bytes=jnp.asarray(token_bytes, jnp.float32))
     repl = sharding.replicated(batch_sh.mesh)
     return jax.jit(evaluate_, in_shardings=(param_sh, batch_sh), out_shardings=repl)
@@ -123,12 +136,36 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.rules = sharding.rules(config.mesh)
         self.mesh = preflight(config)
-        self.tok = None if vocab_size else tokenizer.load_or_train(config.data)
+        self.tok = None if vocab_size else finetune.load_tokenizer(config)
+        self.objective = objectives.Objective.from_config(config)
+        if vocab_size is None:  # next-token decoders never see the appended specials
+            decoder = config.model.family == "decoder"
+            vocab_size = self.tok.num_pieces if decoder else self.tok.vocab_size
+        d = config.data
         self.model_cfg = ModelConfig.from_config(
-            config.model, vocab_size or self.tok.vocab_size, config.data.seq_len)
+            config.model, vocab_size, max(d.seq_len, d.target_seq_len),
+            heads=self.objective.heads)
         self.model = models.build(self.model_cfg, config.model.family)
         self.tx, self.lr = optim.make(config.optim, config.train.steps)
         self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
+        self.example = objectives.dummy_batch(config, 1)
+        # positions each step processes (both sides for encoder_decoder), for tokens/s
+        self.tokens_per_step = config.train.batch_size * sum(
+            shape[0] for k, shape in objectives.feature_shapes(config).items()
+            if k in ("tokens", "inputs", "targets"))
+
+    def flops_per_token(self, training: bool = True) -> float:
+        d = self.config.data
+        return metrics.flops_per_token(self.model_cfg, self.config.model.family, d.seq_len,
+                                       d.target_seq_len, training)
+
+
+def synthetic_vocab(config: ml_collections.ConfigDict) -> int:
+    """The model's vocabulary for a tokenizer of data.vocab_size pieces (no tokenizer is
+    loaded): decoders use the pieces, other families also the appended specials."""
+    if config.model.family == "decoder":
+        return config.data.vocab_size
+    return config.data.vocab_size + len(tokenizer.SPECIALS) + tokenizer.NUM_SENTINELS
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -158,23 +195,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watcher,
            t0: float) -> dict[str, float]:
     config, workdir, t = tr.config, tr.workdir, tr.config.train
-    init, state_sh, abstract = state_init(tr.model, tr.tx, config.data.seq_len, t.seed,
-                                          tr.mesh, tr.rules)
-    train_fn = jit_train_step(tr.model, tr.tx, tr.lr, t, state_sh, tr.batch_sh,
+    init, state_sh, abstract = state_init(tr.model, tr.tx, tr.example, t.seed, tr.mesh,
+                                          tr.rules)
+    train_fn = jit_train_step(tr.model, tr.objective, tr.tx, tr.lr, t, state_sh, tr.batch_sh,
                               deterministic=tr.model_cfg.dropout == 0)
-    eval_fn = jit_eval_step(tr.model, tr.tok.token_bytes, state_sh.params, tr.batch_sh)
+    eval_fn = jit_eval_step(tr.model, tr.objective, tr.tok.token_bytes, state_sh.params,
+                            tr.batch_sh)
     doc_stats = pipeline.DocumentStats()
-    host_iter = pipeline.make_train_iterator(
-        config.data, tr.tok, seed=t.seed, global_batch_size=t.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+    host_iter = tasks.train_iterator(
+        config, tr.tok, process_index=jax.process_index(), process_count=jax.process_count(),
         stats=doc_stats)
-    global_shape = (t.batch_size, config.data.seq_len)
     data_iter = pipeline.DevicePrefetch(host_iter, tr.batch_sh, config.data.prefetch,
-                                        global_shape)
+                                        t.batch_size)
     start = 0
     restored = ckpt.restore_latest(abstract)
     if restored is None:
         state = init()
+        if t.init_from:  # fine-tuning: matching parameters from the pretrained run
+            params, report = finetune.load_matching(t.init_from, state.params)
+            state = init(params)
+            if tr.is_main:
+                print(report, flush=True)
     else:
         state, data_state, start = restored
         data_iter.set_state(data_state)
@@ -182,21 +223,21 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
             print(f"resumed from {workdir}/checkpoints at step {start}", flush=True)
     if tr.is_main:
         config_lib.write_json(config, workdir)
+        finetune.save_tokenizer(tr.tok, workdir)
     writer = metrics.Writer(workdir, enabled=tr.is_main, resume_step=start)
     log = metrics.Progress(t.steps, start, t.progress, enabled=tr.is_main)
-    eval_local = pipeline.eval_batches(
-        config.data, tr.tok, global_batch_size=t.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    eval_global = [pipeline.to_global(b, tr.batch_sh, global_shape) for b in eval_local]
+    eval_local = tasks.eval_batches(
+        config, tr.tok, process_index=jax.process_index(), process_count=jax.process_count())
+    eval_global = [pipeline.to_global(b, tr.batch_sh, t.batch_size) for b in eval_local]
     periodic = eval_global[:t.eval_batches] if t.eval_batches else eval_global
 
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    flops_tok = metrics.flops_per_token(tr.model_cfg, config.data.seq_len)
+    flops_tok = tr.flops_per_token()
     peak, peak_src = metrics.peak_flops(t.peak_flops, tr.model_cfg.dtype)
     log.log(f"model: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token; "
             f"mesh {dict(tr.mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s ({peak_src})")
 
-    tokens_per_step = t.batch_size * config.data.seq_len
+    tokens_per_step = tr.tokens_per_step
     timer = metrics.StepTimer(start)
     pending = None  # (metrics, step) not yet checked for non-finite values
 
@@ -221,7 +262,8 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
             dt = timer.per_step(done)  # the first interval includes compiling
             record = metrics.train_record(jax.device_get(m), tokens_per_step / dt, dt,
                                           flops_tok, peak)
-            record.update(doc_stats.snapshot())
+            if config.model.family == "decoder":  # counted by the next-token pipeline
+                record.update(doc_stats.snapshot())
             writer.write(done, "train", record)
             log.log(metrics.format_record(done, "train", record))
         paused = False
@@ -249,8 +291,13 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
     final = evaluate.run_eval(eval_fn, state.params, eval_global)
     if start < t.steps:  # a rerun of a finished run reports, but does not log twice
         _write_eval(writer, log, t.steps, final)
+    if config.task.objective == "seq2seq" and config.task.bleu_examples:
+        final.update(generate.bleu_eval(tr, state.params))
+        writer.write(t.steps, "eval", {"bleu": final["bleu"]})
+        log.log(f"eval step {t.steps} BLEU {final['bleu']:.2f} on {final['bleu_examples']} "
+                f"examples (sacrebleu, greedy decoding)")
     writer.close()
-    if tr.is_main:
+    if tr.is_main and config.model.family == "decoder":
         text = b"".join(sources.document_bytes(r, config.data)
                         for r in sources.load_source(config.data, config.data.eval_split))
         if int(final["bytes"]) != len(text):  # the tokens must spell the text exactly
@@ -266,6 +313,8 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
 
 def _write_eval(writer: metrics.Writer, log: metrics.Progress, step: int,
                 ev: dict[str, float]) -> None:
-    record = {k: ev[k] for k in ("loss", "perplexity", "bits_per_byte", "accuracy")}
+    record = {k: v for k, v in ev.items()
+              if k not in ("tokens", "bytes", "lm_loss", "lm_accuracy") and
+              not k.endswith("_count")}
     writer.write(step, "eval", record)
     log.log(metrics.format_record(step, "eval", record))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from llm_jax import checkpoint, optim, sharding, trainer
+from llm_jax import checkpoint, objectives, optim, sharding, trainer
 from llm_jax.config import base_config
 from llm_jax.models import build
 from llm_jax.models.layers import ModelConfig
@@ -30,7 +30,8 @@ def train_one_step(config, state, mesh_shape, devices):
              "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape)}
     before = int(state.step)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = trainer.jit_train_step(model, tx, lr, c.train, state_sh, batch_sh)
+        step = trainer.jit_train_step(model, objectives.Objective.from_config(c), tx, lr,
+                                      c.train, state_sh, batch_sh)
         new, m = step(state, jax.device_put(batch, batch_sh))  # donates state
     assert int(new.step) == before + 1
     return float(m["loss"])
@@ -45,7 +46,9 @@ def setup(mesh_shape, devices):
     model = build(ModelConfig.from_config(c.model, 64, SEQ))
     tx, _ = optim.make(c.optim, 10)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, _, abstract = trainer.init_state(model, tx, SEQ, 0, mesh, rules)
+        c.data.seq_len = SEQ
+        state, _, abstract = trainer.init_state(model, tx, objectives.dummy_batch(c, 1), 0,
+                                                mesh, rules)
     return c, state, abstract
 
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import metrics
+from llm_jax import metrics, objectives
+from llm_jax.config import base_config
 from llm_jax.models import build
 from llm_jax.models.layers import ModelConfig
 
@@ -15,14 +16,19 @@ BASE = ModelConfig(vocab_size=512, num_layers=2, d_model=128, num_heads=4, num_k
                    scan_layers=False)  # XLA counts a scanned body once, so unroll here
 
 
-def xla_flops(cfg, batch, seq, training):
-    model = build(cfg)
-    tokens = jnp.zeros((batch, seq), jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(seq), tokens.shape)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, pos, tokens + 1))
+FAMILIES = {"decoder": "next_token", "encoder": "mlm", "encoder_decoder": "span_corruption"}
 
-    def loss(p):
-        return jnp.sum(model.apply(p, tokens, pos, tokens + 1))
+
+def xla_flops(cfg, family, batch, seq, target_len, training):
+    config = base_config()
+    config.model.family, config.task.objective = family, FAMILIES[family]
+    config.data.seq_len, config.data.target_seq_len = seq, target_len
+    example = jax.tree.map(jnp.asarray, objectives.dummy_batch(config, batch))
+    model = build(cfg, family)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), example))
+
+    def loss(p):  # the token logits: the NSP head is negligible and not modelled
+        return jnp.sum(model.apply(p, example)["logits"])
 
     fn = jax.grad(loss) if training else loss
     cost = jax.jit(fn).lower(params).compile().cost_analysis()
@@ -30,16 +36,21 @@ def xla_flops(cfg, batch, seq, training):
     return cost["flops"]
 
 
-@pytest.mark.parametrize("variant", [
-    {}, {"activation": "swiglu", "norm": "rmsnorm", "positions": "rope"},
-    {"num_kv_heads": 1}, {"tie_embeddings": False},
+@pytest.mark.parametrize("family,variant", [
+    ("decoder", {}),
+    ("decoder", {"activation": "swiglu", "norm": "rmsnorm", "positions": "rope"}),
+    ("decoder", {"num_kv_heads": 1}), ("decoder", {"tie_embeddings": False}),
+    ("encoder", {"heads": ("mlm",)}), ("encoder", {"heads": ("mlm",), "left_to_right": True}),
+    ("encoder_decoder", {}), ("encoder_decoder", {"num_kv_heads": 2, "num_decoder_layers": 3}),
 ])
 @pytest.mark.parametrize("training", [True, False])
-def test_flops_model_within_10_percent_of_xla(variant, training):
+def test_flops_model_within_10_percent_of_xla(family, variant, training):
     cfg = dataclasses.replace(BASE, **variant)
     batch, seq = 4, 64
-    ours = metrics.flops_per_token(cfg, seq, training) * batch * seq
-    xla = xla_flops(cfg, batch, seq, training)
+    target = 32 if family == "encoder_decoder" else 0
+    positions = batch * (seq + target)
+    ours = metrics.flops_per_token(cfg, family, seq, target, training) * positions
+    xla = xla_flops(cfg, family, batch, seq, target, training)
     assert np.isclose(ours, xla, rtol=0.10), (ours, xla, ours / xla)
 
 
@@ -47,4 +58,4 @@ def test_bench_small_figures():
     """The issue's GPT-2-style workload: 89.8 MFLOP per token."""
     cfg = dataclasses.replace(BASE, vocab_size=8192, num_layers=6, d_model=384, num_heads=6,
                               num_kv_heads=6, head_dim=64, mlp_dim=1536, max_len=256)
-    assert abs(metrics.flops_per_token(cfg, 256) / 1e6 - 89.8) < 0.5
+    assert abs(metrics.flops_per_token(cfg, "decoder", 256) / 1e6 - 89.8) < 0.5

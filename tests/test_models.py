@@ -46,12 +46,20 @@ def _model_and_params(**overrides):
     cfg = dataclasses.replace(CFG, **overrides)
     model = build(cfg)
     t = jnp.zeros((1, 24), jnp.int32)
-    params = model.init(jax.random.key(0), t, t, t + 1)["params"]
+    params = model.init(jax.random.key(0), _batch(t, t + 1, t))["params"]
     return model, params
 
 
+def _batch(tokens, segs, positions):
+    return {"tokens": tokens, "segment_ids": segs, "positions": positions}
+
+
+def _logits_of(model, params, tokens, segs, positions):
+    return model.apply({"params": params}, _batch(tokens, segs, positions))["logits"]
+
+
 def _logits(model, params, tokens, segs, positions):
-    return np.asarray(model.apply({"params": params}, tokens, positions, segs))
+    return np.asarray(model.apply({"params": params}, _batch(tokens, segs, positions))["logits"])
 
 
 @pytest.mark.parametrize("positions,conv", [("learned", 0), ("rope", 0), ("rope", 3)])
@@ -116,7 +124,7 @@ def test_every_parameter_has_logical_axes():
     cfg = dataclasses.replace(CFG, tie_embeddings=False)
     model = build(cfg)
     t = jnp.zeros((1, 8), jnp.int32)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), t, t, t + 1))["params"]
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), _batch(t, t + 1, t)))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, "names"))
     assert leaves and all(len(x.names) == len(x.value.shape) for x in leaves)
 
@@ -127,7 +135,7 @@ def test_remat_does_not_change_the_gradients():
     grads = []
     for remat in ("none", "full", "dots"):
         model, params = _model_and_params(remat=remat)
-        loss = lambda p: jnp.mean(model.apply({"params": p}, tokens, pos, segs) ** 2)  # noqa
+        loss = lambda p: jnp.mean(_logits_of(model, p, tokens, segs, pos) ** 2)  # noqa
         grads.append(jax.grad(loss)(params))
     for g in grads[1:]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),

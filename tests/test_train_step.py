@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from llm_jax import optim, sharding, trainer
+from llm_jax import objectives, optim, sharding, trainer
 from llm_jax.config import ConfigError
 from llm_jax.models import build
 from llm_jax.models.layers import ModelConfig
@@ -12,30 +12,50 @@ from llm_jax.models.layers import ModelConfig
 SEQ = 32
 
 
-def tiny_config():
+def tiny_config(name="tiny"):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
+    spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config()
     c.data.seq_len = SEQ
+    c.data.target_seq_len = SEQ // 2 if c.model.family == "encoder_decoder" else 0
     c.data.vocab_size = 128
     c.train.batch_size = 16
     return c
 
 
-def synthetic_batches(n, batch, vocab=128, seed=0):
-    """Packed rows with two documents each, like the real pipeline's output."""
+def _two_segments(rng, batch, length):
+    """Segment ids and positions of rows holding two packed examples and some padding."""
+    cut = rng.integers(4, length - 4, batch)
+    idx = np.arange(length)[None]
+    seg = np.where(idx < cut[:, None], 1, 2).astype(np.int32)
+    seg[0, -3:] = 0  # some padding
+    pos = np.where(idx < cut[:, None], idx, idx - cut[:, None]).astype(np.int32)
+    return seg, pos
+
+
+def synthetic_batches(n, batch, vocab=128, seed=0, config=None):
+    """Batches shaped like the real pipeline's for config's family and objective."""
+    config = config or tiny_config()
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        cut = rng.integers(4, SEQ - 4, batch)
-        idx = np.arange(SEQ)[None]
-        seg = np.where(idx < cut[:, None], 1, 2).astype(np.int32)
-        seg[0, -3:] = 0  # some padding
-        pos = np.where(idx < cut[:, None], idx, idx - cut[:, None]).astype(np.int32)
-        out.append({"tokens": rng.integers(0, vocab, (batch, SEQ)).astype(np.int32),
-                    "segment_ids": seg, "positions": pos})
+        b = objectives.dummy_batch(config, batch, rng, vocab)
+        for side in ("", "inputs_", "targets_"):
+            if f"{side}segment_ids" in b:
+                length = b[f"{side}segment_ids"].shape[1]
+                b[f"{side}segment_ids"], b[f"{side}positions"] = _two_segments(rng, batch,
+                                                                               length)
+        if config.model.family == "encoder":  # one pair per row: segment 1, then padding
+            b["segment_ids"] = (b["segment_ids"] == 1).astype(np.int32)
+            b["positions"] = np.broadcast_to(np.arange(SEQ, dtype=np.int32), (batch, SEQ))
+            b["token_types"] = (np.arange(SEQ)[None] > rng.integers(2, SEQ - 2, (batch, 1))
+                                ).astype(np.int32)
+        if "mlm_weights" in b:
+            b["mlm_weights"] = (rng.random((batch, SEQ)) < 0.15).astype(np.int32)
+            b["nsp_label"] = rng.integers(0, 2, batch).astype(np.int32)
+        out.append(b)
     return out
 
 
@@ -43,15 +63,18 @@ def train_losses(config, devices, n_steps=3):
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules(config.mesh)
     sharding.check_fits(config, mesh, rules)
-    cfg = ModelConfig.from_config(config.model, config.data.vocab_size, SEQ)
-    model = build(cfg)
+    objective = objectives.Objective.from_config(config)
+    cfg = ModelConfig.from_config(config.model, config.data.vocab_size, SEQ, objective.heads)
+    model = build(cfg, config.model.family)
     tx, lr = optim.make(config.optim, config.train.steps)
     batch_sh = sharding.batch_sharding(mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, state_sh, _ = trainer.init_state(model, tx, SEQ, config.train.seed, mesh, rules)
-        step = trainer.jit_train_step(model, tx, lr, config.train, state_sh, batch_sh)
+        state, state_sh, _ = trainer.init_state(model, tx, objectives.dummy_batch(config, 1),
+                                                config.train.seed, mesh, rules)
+        step = trainer.jit_train_step(model, objective, tx, lr, config.train, state_sh,
+                                      batch_sh)
         losses = []
-        for b in synthetic_batches(n_steps, config.train.batch_size):
+        for b in synthetic_batches(n_steps, config.train.batch_size, config=config):
             state, m = step(state, jax.device_put(b, batch_sh))
             losses.append(float(m["loss"]))
         return np.array(losses), jax.device_get(state.params)
@@ -76,14 +99,31 @@ def test_meshes_give_the_same_losses(single_device, mesh):
     assert losses[-1] < losses[0]
 
 
-def test_accumulation_matches_the_full_batch(single_device):
+@pytest.mark.parametrize("name", ["bert_tiny", "t5_tiny"])
+def test_other_families_give_the_same_losses_on_a_222_mesh(name):
+    c = tiny_config(name)
+    c.model.dtype = "float32"
+    one = train_losses(c, jax.devices()[:1])
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    losses, params = train_losses(c, jax.devices())
+    np.testing.assert_allclose(losses, one[0], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 params, one[1])
+
+
+@pytest.mark.parametrize("name", ["tiny", "bert_tiny"])
+def test_accumulation_matches_the_full_batch(single_device, name):
+    """For MLM + NSP too: each part is normalized by the whole batch's weight."""
+    c = tiny_config(name)
+    c.model.dtype = "float32"
+    reference = single_device if name == "tiny" else train_losses(c, jax.devices()[:1])
     c = tiny_config()
     c.model.dtype = "float32"
     c.train.microbatches = 4
     losses, params = train_losses(c, jax.devices()[:1])
-    np.testing.assert_allclose(losses, single_device[0], rtol=2e-5)
+    np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 params, single_device[1])
+                 params, reference[1])
 
 
 def test_parameters_are_born_sharded():
@@ -93,7 +133,7 @@ def test_parameters_are_born_sharded():
     rules = sharding.rules(c.mesh)
     model = build(ModelConfig.from_config(c.model, 128, SEQ))
     tx, _ = optim.make(c.optim, 10)
-    state, _, _ = trainer.init_state(model, tx, SEQ, 0, mesh, rules)
+    state, _, _ = trainer.init_state(model, tx, objectives.dummy_batch(c, 1), 0, mesh, rules)
     wi = state.params["decoder"]["layers"]["mlp"]["wi"]["kernel"]  # [layers, embed, mlp]
     assert wi.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     mu = state.opt_state[1][0].mu["decoder"]["layers"]["mlp"]["wi"]["kernel"]
@@ -128,12 +168,14 @@ def test_skip_drops_a_nonfinite_update_but_keeps_the_schedule_moving():
     model = build(ModelConfig.from_config(c.model, 128, SEQ))
     tx, lr = optim.make(c.optim, c.train.steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, _, _ = trainer.init_state(model, tx, SEQ, 0, mesh, rules)
+        objective = objectives.Objective.from_config(c)
+        state, _, _ = trainer.init_state(model, tx, objectives.dummy_batch(c, 1), 0, mesh,
+                                         rules)
         # a NaN in one weight makes this step's loss and gradients NaN
         bad = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan)
                                                 if p.ndim == 2 else p, state.params))
         batch = synthetic_batches(1, c.train.batch_size)[0]
-        new, m = steps.train_step(bad, batch, model=model, tx=tx, lr_schedule=lr,
+        new, m = steps.train_step(bad, batch, model=model, objective=objective, tx=tx, lr_schedule=lr,
                                   base_rng=jax.random.key(0), skip_nonfinite=True)
     assert not bool(m["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad.params)):

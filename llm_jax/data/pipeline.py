@@ -35,7 +35,7 @@ _PACKING_BINS = 256
 _EVAL_PACKING_BINS = 1024
 
 
-class _ThreadPrefetch(grain.experimental.ThreadPrefetchDatasetIterator):
+class ThreadPrefetch(grain.experimental.ThreadPrefetchDatasetIterator):
     """grain's checkpointable thread prefetch, quiet at interpreter exit.
 
     grain 0.2.18's ``__del__`` of an iterator still alive at exit runs after module
@@ -172,7 +172,7 @@ def make_train_iterator(
     ).map(_rename)
     batches = iter(rows.batch(local_batch, drop_remainder=True))
     prefetch = int(data_cfg.prefetch)
-    return _ThreadPrefetch(batches, prefetch) if prefetch > 0 else batches
+    return ThreadPrefetch(batches, prefetch) if prefetch > 0 else batches
 
 
 class EvalBatches(list):
@@ -229,10 +229,11 @@ def eval_batches(
 
 
 def to_global(local: Batch, sharding: jax.sharding.NamedSharding,
-              global_shape: tuple[int, int] | None = None) -> dict[str, jax.Array]:
-    """This process's rows → global arrays; the global shape is stated, not inferred."""
-    return {k: jax.make_array_from_process_local_data(sharding, v, global_shape)
-            for k, v in local.items()}
+              global_batch: int | None = None) -> dict[str, jax.Array]:
+    """This process's rows → global arrays; the global batch is stated, not inferred."""
+    return {k: jax.make_array_from_process_local_data(
+        sharding, v, None if global_batch is None else (global_batch, *v.shape[1:]))
+        for k, v in local.items()}
 
 
 class DevicePrefetch:
@@ -247,11 +248,11 @@ class DevicePrefetch:
         host: grain.DatasetIterator,
         sharding: jax.sharding.NamedSharding,
         size: int = 2,
-        global_shape: tuple[int, int] | None = None,
+        global_batch: int | None = None,
     ):
         self._host = host
         self._sharding = sharding
-        self._global_shape = global_shape
+        self._global_batch = global_batch
         self._size = max(int(size), 1)
         self._queue: collections.deque[tuple[dict[str, jax.Array], Any]] = collections.deque()
         self._state = host.get_state()
@@ -263,7 +264,7 @@ class DevicePrefetch:
             except StopIteration:  # a finite host iterator: hand out what is queued
                 return
             state = self._host.get_state()  # state *after* this batch, paired with it
-            self._queue.append((to_global(local, self._sharding, self._global_shape), state))
+            self._queue.append((to_global(local, self._sharding, self._global_batch), state))
 
     def __iter__(self) -> DevicePrefetch:
         return self

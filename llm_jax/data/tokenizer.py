@@ -26,6 +26,13 @@ import sentencepiece as spm
 from llm_jax.data import sources
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+# Special tokens appended after the SentencePiece pieces (as Hugging Face adds tokens), so
+# adding them never retrains or renumbers a tokenizer: [CLS], [SEP], [MASK] for the
+# encoder, then T5's sentinels <extra_id_0..99> for span corruption.
+SPECIALS = ("[CLS]", "[SEP]", "[MASK]")
+NUM_SENTINELS = 100
+_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
+                        ) | frozenset(range(0x80, 0x100))
 _SPACE = "\u2581"  # SentencePiece's whitespace symbol
 # Invalid bytes (as surrogateescape code points) and literal U+2581, which SentencePiece
 # would confuse with an escaped space: both are encoded as byte-fallback pieces.
@@ -82,9 +89,19 @@ class Tokenizer:
                 table.append(piece.replace(_SPACE, " ").encode("utf-8"))
         if (byte_ids < 0).any():
             raise ValueError("tokenizer model lacks byte-fallback pieces <0x00>..<0xFF>")
+        self.num_pieces = self.vocab_size  # SentencePiece's own; specials follow
+        self.cls_id, self.sep_id, self.mask_id = range(self.num_pieces, self.num_pieces + 3)
+        self.sentinel_ids = list(range(self.num_pieces + 3, self.num_pieces + 3 + NUM_SENTINELS))
+        self._names = list(SPECIALS) + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
+        table += [b""] * len(self._names)
+        self.vocab_size = len(table)
         self._table = table
         self._byte_ids = byte_ids
         self.token_bytes: np.ndarray = np.array([len(b) for b in table], np.int32)
+        # For whole-word masking: a piece continues a word when it starts with a word
+        # byte and the previous piece ended with one (letters, digits, _, UTF-8).
+        self._starts_word_byte = np.array([bool(b) and b[0] in _WORD_BYTES for b in table])
+        self._ends_word_byte = np.array([bool(b) and b[-1] in _WORD_BYTES for b in table])
 
     def encode(self, text: bytes | str) -> np.ndarray:
         """Token ids (int32) of text; no bos/eos (the packer adds them)."""
@@ -106,6 +123,19 @@ class Tokenizer:
         """Bytes of ids; specials decode to nothing."""
         table = self._table
         return b"".join(table[i] for i in np.asarray(ids).reshape(-1).tolist())
+
+    def piece(self, i: int) -> str:
+        """A readable name of id i: its text, or the special's name like "[MASK]"."""
+        if i >= self.num_pieces:
+            return self._names[i - self.num_pieces]
+        return self._sp.id_to_piece(i)
+
+    def word_starts(self, ids: np.ndarray) -> np.ndarray:
+        """True where ids[..., t] begins a new word (see _WORD_BYTES)."""
+        ids = np.asarray(ids)
+        cont = self._starts_word_byte[ids[..., 1:]] & self._ends_word_byte[ids[..., :-1]]
+        first = np.ones(ids.shape[:-1] + (1,), bool)
+        return np.concatenate([first, ~cont], axis=-1)
 
     def serialized_model(self) -> bytes:
         """The SentencePiece model proto (for saving next to a checkpoint)."""

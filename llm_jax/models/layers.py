@@ -41,10 +41,20 @@ class ModelConfig:
     remat: str = "none"
     attention_impl: str | None = None
     qkv_conv: int = 0
+    num_decoder_layers: int = 0  # encoder_decoder: decoder depth (0: num_layers)
+    left_to_right: bool = False  # encoder: causal attention (BERT's LTR ablation)
+    type_vocab_size: int = 2  # encoder: sentence A/B embeddings
+    heads: tuple[str, ...] = ()  # encoder outputs: "mlm" (also the LM head), "nsp", "cls"
+    num_classes: int = 2
+
+    @property
+    def decoder_depth(self) -> int:
+        """Layers of the encoder_decoder's decoder."""
+        return self.num_decoder_layers or self.num_layers
 
     @classmethod
     def from_config(cls, m: ml_collections.ConfigDict, vocab_size: int,
-                    seq_len: int) -> "ModelConfig":
+                    seq_len: int, heads: tuple[str, ...] = ()) -> "ModelConfig":
         return cls(
             vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
             num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
@@ -55,7 +65,8 @@ class ModelConfig:
             dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
             scan_layers=m.scan_layers, remat=m.remat,
             attention_impl=None if m.attention_impl == "auto" else m.attention_impl,
-            qkv_conv=m.qkv_conv)
+            qkv_conv=m.qkv_conv, num_decoder_layers=m.num_decoder_layers or m.num_layers,
+            left_to_right=m.left_to_right, heads=heads, num_classes=m.num_classes)
 
 
 def init_std(cfg: ModelConfig, residual_out: bool = False) -> float:

@@ -1,5 +1,6 @@
 """TFDS builders that need no download; importing registers them with TFDS."""
 
-from llm_jax.data.corpora import stdlib_source  # noqa: F401  (registers the builder)
+# Imported for their side effect: registering the builders.
+from llm_jax.data.corpora import code_pairs, gettext_translation, stdlib_source  # noqa: F401
 
-EMBEDDED = frozenset({"stdlib_source"})
+EMBEDDED = frozenset({"stdlib_source", "gettext_translation", "code_pairs"})
