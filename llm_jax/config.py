@@ -158,6 +158,16 @@ NON_NEGATIVE = (
 )
 
 
+def load_file(path: str) -> ml_collections.ConfigDict:
+    """get_config() of a config file, e.g. for a fine-tuning config that starts from its
+    pretraining config (so the model matches by construction)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     """All leaf keys as dotted paths, e.g. 'train.steps'."""
     keys = []
