@@ -35,8 +35,8 @@ def run_eval(eval_fn: Callable, params, batches: Iterable) -> dict[str, float]:
     if "lm" in parts:
         res["perplexity"] = math.exp(min(res["lm_loss"], 700.0))
         res["tokens"] = totals["lm_count"]
-        res["bytes"] = totals.get("bytes", 0.0)
-        # summed log-loss in bits over the raw UTF-8 bytes those tokens spell
+    if "bytes" in totals:  # summed log-loss in bits over the raw UTF-8 bytes targets spell
+        res["bytes"] = totals["bytes"]
         res["bits_per_byte"] = totals["lm_loss_sum"] / math.log(2) / max(res["bytes"], 1.0)
     return res
 
