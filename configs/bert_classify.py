@@ -19,7 +19,7 @@ def get_config():
     c.model.num_classes = 2
     c.data.name = "code_pairs"
     c.data.text_feature = "text_a"
-    c.data.seq_len = 64  # two lines fit; the position table keeps model.max_len=128
+    c.data.seq_len = 64  # two lines fit
     c.train.init_from = "runs/bert_default"
     c.train.steps = 600
     c.train.batch_size = 32

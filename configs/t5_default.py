@@ -21,6 +21,7 @@ def get_config():
     c.model.activation = "gelu"
     c.model.norm = "rmsnorm"
     c.model.positions = "rope"
+    c.model.qkv_conv = 3  # centred in the encoder, causal in the decoder
     c.model.remat = "full"
     c.task.objective = "span_corruption"
     c.task.noise_density = 0.15
@@ -35,7 +36,7 @@ def get_config():
     c.train.eval_every = 250
     c.train.eval_batches = 20
     c.train.checkpoint_every = 250
-    c.optim.learning_rate = 3e-3
+    c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 100
     c.optim.schedule = "cosine"
     c.optim.end_lr_ratio = 0.05

@@ -233,9 +233,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"model.num_kv_heads={kv}")
     if m.positions == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
         raise ConfigError("config.model.positions='rope' needs an even head_dim")
-    if m.positions == "learned" and m.max_len and m.max_len < config.data.seq_len:
-        raise ConfigError(
-            f"config.model.max_len={m.max_len} is below data.seq_len={config.data.seq_len}")
+    longest = max(config.data.seq_len, config.data.target_seq_len)
+    if m.positions == "learned" and m.max_len and m.max_len < longest:
+        raise ConfigError(f"config.model.max_len={m.max_len} is below the longest row, "
+                          f"{longest} (data.seq_len, data.target_seq_len)")
     if m.dropout >= 1:
         raise ConfigError(f"config.model.dropout={m.dropout} must be < 1")
     if t.batch_size % t.microbatches:

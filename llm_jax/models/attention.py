@@ -27,26 +27,39 @@ def causal_mask(length: int) -> Array:
     return jnp.tril(jnp.ones((length, length), bool))[None, None]
 
 
-class CausalDepthwiseConv(nn.Module):
+class DepthwiseConv(nn.Module):
     """y_t = Σ_j w_j ⊙ x_{t-j} per channel, within a document (Primer, So et al. 2021).
 
-    Initialized to the identity, so attention starts out unchanged; mixing in the
-    previous tokens' keys lets copying ("induction") heads form in a few hundred steps.
+    Causal: j = 0..width-1 (the past). Bidirectional (encoders): j centred on 0, e.g.
+    -1, 0, 1, so a masked position also sees the token after it. Initialized to the
+    identity, so attention starts out unchanged; mixing in the neighbours' keys lets
+    copying ("induction") heads form in a few hundred steps.
     """
 
     width: int
     axes: tuple[str, str]
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: Array, positions: Array) -> Array:
-        init = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[0].set(1.0)  # noqa
+        first = 0 if self.causal else -(self.width // 2)
+        offsets = range(first, first + self.width)
+        init = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[-first].set(1.0)  # noqa
         w = self.param("taps", nn.with_logical_partitioning(init, (None,) + self.axes),
                        (self.width,) + x.shape[2:], jnp.float32)
-        y = x.astype(jnp.float32) * w[0]
-        for j in range(1, self.width):
-            shifted = jnp.pad(x, ((0, 0), (j, 0), (0, 0), (0, 0)))[:, :x.shape[1]]
-            inside = (positions >= j)[:, :, None, None]  # never reach into another document
-            y = y + jnp.where(inside, shifted, 0).astype(jnp.float32) * w[j]
+        length = x.shape[1]
+        y = jnp.zeros(x.shape, jnp.float32)
+        for i, j in enumerate(offsets):
+            if j == 0:
+                y = y + x.astype(jnp.float32) * w[i]
+                continue
+            pad = ((0, 0), (j, 0), (0, 0), (0, 0)) if j > 0 else ((0, 0), (0, -j), (0, 0), (0, 0))
+            shifted = jnp.pad(x, pad)[:, :length] if j > 0 else jnp.pad(x, pad)[:, -j:]
+            pos_pad = ((0, 0), (j, 0)) if j > 0 else ((0, 0), (0, -j))
+            neighbour = (jnp.pad(positions, pos_pad, constant_values=-1)[:, :length] if j > 0
+                         else jnp.pad(positions, pos_pad, constant_values=-1)[:, -j:])
+            inside = (neighbour == positions - j)[:, :, None, None]  # never cross documents
+            y = y + jnp.where(inside, shifted, 0).astype(jnp.float32) * w[i]
         return y.astype(x.dtype)
 
 
@@ -68,12 +81,11 @@ class Attention(nn.Module):
         k = proj(cfg.num_kv_heads, "kv_heads", "key")(x_kv)
         v = proj(cfg.num_kv_heads, "kv_heads", "value")(x_kv)
         if cfg.qkv_conv and self.use_rope:  # self-attention only
-            q = CausalDepthwiseConv(cfg.qkv_conv, ("heads", "head_dim"), name="q_conv")(
-                q, q_positions)
-            k = CausalDepthwiseConv(cfg.qkv_conv, ("kv_heads", "head_dim"), name="k_conv")(
-                k, kv_positions)
-            v = CausalDepthwiseConv(cfg.qkv_conv, ("kv_heads", "head_dim"), name="v_conv")(
-                v, kv_positions)
+            conv = lambda axes, name: DepthwiseConv(  # noqa: E731
+                cfg.qkv_conv, axes, causal=self.causal, name=name)
+            q = conv(("heads", "head_dim"), "q_conv")(q, q_positions)
+            k = conv(("kv_heads", "head_dim"), "k_conv")(k, kv_positions)
+            v = conv(("kv_heads", "head_dim"), "v_conv")(v, kv_positions)
         if cfg.positions == "rope" and self.use_rope:
             q = rotary(q, q_positions, cfg.rope_theta)
             k = rotary(k, kv_positions, cfg.rope_theta)

@@ -142,8 +142,8 @@ class Encoder(nn.Module):
                   name="encoder")(x, segment_mask(seg, seg), positions)
         x = norm(cfg, "final_norm")(x)
         dense = lambda feats, name, out_dtype=None: Dense(  # noqa: E731
-            (feats,), ("embed",), (None,), use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, out_dtype=out_dtype,
-            name=name)
+            (feats,), ("embed",), (None,), use_bias=True, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, out_dtype=out_dtype, name=name)
         out = {}
         if "mlm" in cfg.heads:  # BERT's transform: dense, GELU, norm, then tied logits + bias
             h = norm(cfg, "mlm_norm")(nn.gelu(dense(cfg.d_model, "mlm_transform")(x)))
