@@ -7,6 +7,7 @@ where each device's memory goes. Nothing is trained, no data is read.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from llm_jax import objectives, sharding, trainer
+from llm_jax.config import ConfigError
 
 
 def mesh_devices(mesh_cfg: ml_collections.ConfigDict) -> int:
@@ -32,13 +34,48 @@ def per_device_bytes(abstract: Any) -> int:
     return total
 
 
-def compile_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Compiles the train step for config's mesh; returns per-device memory in bytes."""
-    tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config))
+# HBM per chip, bytes, keyed by a substring of device_kind (longest key tried first).
+HBM_BYTES = {"TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30, "TPU v5": 95 * 2**30,
+             "TPU v6 lite": 32 * 2**30}
+
+
+def hbm_bytes(device_kind: str) -> int | None:
+    for key in sorted(HBM_BYTES, key=len, reverse=True):
+        if key.lower() in device_kind.lower():
+            return HBM_BYTES[key]
+    return None
+
+
+def tpu_devices(topology: str) -> list[jax.Device]:
+    """Compile-only devices of a TPU pod, e.g. 'v5p:4x4x4', through libtpu's AOT path;
+    works on a CPU-only machine with the `jax[tpu]` extra installed."""
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"--topology={topology} needs libtpu: pip install "
+                          f"'jax[tpu]=={jax.__version__}' (or: pip install -e '.[tpu]')")
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost")):
+        os.environ.setdefault(key, value)  # no TPU VM here: skip the metadata lookups
+    from jax.experimental import topologies
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except Exception as e:  # libtpu's message names what it could not parse
+        reason = " ".join(str(e).split())[:300]
+        raise ConfigError(f"--topology={topology!r} is not a TPU topology libtpu knows "
+                          f"({reason}); use a name like v5p:4x4x4 or v5e:16x16") from None
+
+
+def compile_report(config: ml_collections.ConfigDict,
+                   topology: str | None = None) -> dict[str, Any]:
+    """Compiles the train step for config's mesh (on a TPU pod's compile-only devices with
+    `topology`); returns per-device memory in bytes."""
+    devices = tpu_devices(topology) if topology else None
+    tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config),
+                         devices=devices)
     t, cfg = config.train, tr.model_cfg
     mesh, rules, model, tx, lr, batch_sh = tr.mesh, tr.rules, tr.model, tr.tx, tr.lr, tr.batch_sh
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with nn.logical_axis_rules(rules):  # outside set_mesh: optax's init runs eagerly
         _, state_sh, abstract = trainer.state_init(model, tx, tr.example, t.seed, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         batch = {k: jax.ShapeDtypeStruct((t.batch_size, *shape), np.int32, sharding=batch_sh)
                  for k, shape in objectives.feature_shapes(config).items()}
         step = trainer.jit_train_step(model, tr.objective, tx, lr, t, state_sh, batch_sh,
@@ -50,8 +87,9 @@ def compile_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     params = per_device_bytes(abstract.params)
     opt = per_device_bytes(abstract.opt_state)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    kind = mesh.devices.flat[0].device_kind
     return {
-        "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
+        "mesh": dict(mesh.shape), "device_kind": kind, "hbm_bytes": hbm_bytes(kind),
         "params": n_params, "compile_s": seconds,
         "model_flops_per_token": tr.flops_per_token(),
         "params_bytes": params, "optimizer_bytes": opt,
@@ -73,5 +111,9 @@ def format_report(r: dict[str, Any]) -> str:
             ("batch / device", mb(r["batch_bytes"])),
             ("activations + temporaries / device", mb(r["temporaries_bytes"])),
             ("total / device", mb(r["total_bytes"]))]
+    if r.get("hbm_bytes"):
+        share = r["total_bytes"] / r["hbm_bytes"]
+        rows.append(("HBM per chip", f"{mb(r['hbm_bytes'])}: {share:.0%} used, "
+                     + ("fits" if share <= 1 else "DOES NOT FIT")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

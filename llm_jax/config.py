@@ -214,9 +214,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if k.objective not in allowed:
         raise ConfigError(f"config.task.objective={k.objective!r} does not train model.family="
                           f"{m.family!r}; use one of {allowed}")
-    if m.family == "encoder" and (k.objective == "next_token") != m.left_to_right:
+    if m.family == "encoder" and k.objective == "next_token" and not m.left_to_right:
         raise ConfigError("config.task.objective='next_token' on the encoder needs "
-                          "model.left_to_right=True and the other way round")
+                          "model.left_to_right=True (causal attention)")
+    if k.objective == "mlm" and m.left_to_right:
+        raise ConfigError("config.task.objective='mlm' needs model.left_to_right=False: a "
+                          "causal encoder cannot see the context after a masked token")
     for key in ("task.mlm_prob", "task.noise_density"):
         if not 0 < get(config, key) < 1:
             raise ConfigError(f"config.{key}={get(config, key)!r} must be in (0, 1)")

@@ -76,11 +76,15 @@ def _grads(params: Any, batch: Batch, rng: Array, model: nn.Module, objective: O
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, objective: Objective,
-               tx: optax.GradientTransformation, lr_schedule: optax.Schedule, base_rng: Array,
+               tx: optax.GradientTransformation, lr_schedule: optax.Schedule, seed: int,
                microbatches: int = 1, skip_nonfinite: bool = False,
                deterministic: bool = True) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer update. Randomness is fold_in(base_rng, step): a step is reproducible."""
-    rng = jax.random.fold_in(base_rng, state.step)
+    """One optimizer update. Randomness is fold_in(key(seed), step): a step is reproducible.
+
+    The key is made inside the step, so nothing is computed eagerly on the mesh's devices
+    (which may be compile-only TPU devices).
+    """
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
     loss, sums, grads = _grads(state.params, batch, rng, model, objective, microbatches,
                                deterministic)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

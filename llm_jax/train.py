@@ -37,6 +37,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=fv)
     flags.DEFINE_bool("compile_only", False, "Compile the train step for the configured mesh "
                       "and report per-device memory; train nothing.", flag_values=fv)
+    flags.DEFINE_string("topology", None, "With --compile_only: compile for this TPU pod "
+                        "(e.g. v5p:4x4x4, v5e:16x16) through libtpu and report per-chip HBM "
+                        "use; needs the jax[tpu] extra.", flag_values=fv)
 
 
 def parse_args(argv: list[str], fv: flags.FlagValues) -> tuple[ml_collections.ConfigDict, str]:
@@ -83,8 +86,8 @@ def main(argv: list[str]) -> None:
     fv = flags.FLAGS
     if not fv["verbosity"].present:
         console.quiet_libraries()
-    if fv.compile_only:
-        _compile_only(fv.config)
+    if fv.compile_only or fv.topology:
+        _compile_only(fv.config, fv.topology)
         return
     _initialize_distributed(fv)
     from llm_jax import trainer  # heavy imports after the flags are known to be good
@@ -107,7 +110,7 @@ def main(argv: list[str]) -> None:
         sys.exit(code)
 
 
-def _compile_only(config: ml_collections.ConfigDict) -> None:
+def _compile_only(config: ml_collections.ConfigDict, topology: str | None) -> None:
     import jax
 
     from llm_jax import aot
@@ -116,7 +119,7 @@ def _compile_only(config: ml_collections.ConfigDict) -> None:
     # JAX starts; accelerators ignore it).
     jax.config.update("jax_num_cpu_devices", max(aot.mesh_devices(config.mesh), 1))
     try:
-        print(aot.format_report(aot.compile_report(config)), flush=True)
+        print(aot.format_report(aot.compile_report(config, topology)), flush=True)
     except ConfigError as e:
         console.error(str(e))
         sys.exit(EXIT_USER)

@@ -47,11 +47,11 @@ def state_init(model: nn.Module, tx: optax.GradientTransformation, example: dict
     Nothing is allocated until init() is called, so a resume restores without a second
     copy; init(params) starts from given parameters (fine-tuning) with fresh moments.
     """
-    def boxed_params(rng):
+    def boxed_params():  # traced, never eager: the mesh's devices may be compile-only
+        rng = jax.random.fold_in(jax.random.key(seed), 0x1517)  # the init stream
         return model.init(rng, example)["params"]
 
-    rng = jax.random.fold_in(jax.random.key(seed), 0x1517)  # the init stream
-    boxed = jax.eval_shape(boxed_params, rng)
+    boxed = jax.eval_shape(boxed_params)
     param_sh = sharding.logical_shardings(boxed, mesh, rule_table)
     abstract_params = jax.tree.map(lambda b: b.value, boxed,
                                    is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
@@ -66,14 +66,14 @@ def state_init(model: nn.Module, tx: optax.GradientTransformation, example: dict
         return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32))
 
-    def init(rng):
-        return state_from(nn.meta.unbox(boxed_params(rng)))
+    def init():
+        return state_from(nn.meta.unbox(boxed_params()))
 
     init_fn = jax.jit(init, out_shardings=state_sh)
     from_fn = jax.jit(state_from, in_shardings=(param_sh,), out_shardings=state_sh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            jax.eval_shape(init, rng), state_sh)
-    return (lambda params=None: init_fn(rng) if params is None else from_fn(params),
+                            jax.eval_shape(init), state_sh)
+    return (lambda params=None: init_fn() if params is None else from_fn(params),
             state_sh, abstract)
 
 
@@ -91,7 +91,7 @@ def jit_train_step(model: nn.Module, objective: objectives.Objective,
     """The train step as one jit with explicit shardings; the state is donated."""
     train = functools.partial(
         steps.train_step, model=model, objective=objective, tx=tx, lr_schedule=lr,
-        base_rng=jax.random.key(t.seed),
+        seed=t.seed,
         microbatches=t.microbatches, skip_nonfinite=t.on_nonfinite == "skip",
         deterministic=deterministic)
     repl = sharding.replicated(batch_sh.mesh)
@@ -114,11 +114,13 @@ def enable_compilation_cache(directory: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def preflight(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+def preflight(config: ml_collections.ConfigDict,
+              devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
     """Every check of the config that needs no data: values, then the mesh against the
-    devices, heads and batch. Raises ConfigError (one line) before anything is compiled."""
+    devices (default: all), heads and batch. Raises ConfigError (one line) before anything
+    is compiled."""
     config_lib.validate(config)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_fits(config, mesh, sharding.rules(config.mesh))
     return mesh
 
@@ -127,15 +129,16 @@ class Trainer:
     """Everything a run needs, built once from the config.
 
     With `vocab_size` given no tokenizer is loaded (benchmarks and AOT compiles use
-    synthetic tokens).
+    synthetic tokens). `devices` builds the mesh from other devices than this process's,
+    e.g. compile-only TPU devices of a pod topology.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, devices: list[jax.Device] | None = None):
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         self.rules = sharding.rules(config.mesh)
-        self.mesh = preflight(config)
+        self.mesh = preflight(config, devices)
         self.tok = None if vocab_size else finetune.load_tokenizer(config)
         self.objective = objectives.Objective.from_config(config)
         if vocab_size is None:  # next-token decoders never see the appended specials

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from llm_jax import aot
 from llm_jax.config import base_config
 
@@ -30,3 +32,23 @@ def test_fsdp_splits_parameter_memory_across_devices():
     # fsdp shards every 'embed' axis 8 ways; only the small norm vectors stay whole
     assert sharded["params_bytes"] < replicated["params_bytes"] / 6
     assert sharded["optimizer_bytes"] < replicated["optimizer_bytes"] / 6
+
+
+def test_topology_compiles_for_a_tpu_pod_or_says_what_is_missing(tmp_path):
+    """With libtpu (the jax[tpu] extra) the step compiles for a 4-chip v5e slice and
+    reports HBM per chip; without it, one line says how to install it."""
+    import importlib.util
+    r = subprocess.run([sys.executable, "-m", "llm_jax.train", "--config=configs/tiny.py",
+                        f"--workdir={tmp_path}/w", "--compile_only", "--topology=v5e:2x2",
+                        "--config.mesh.data=1", "--config.mesh.fsdp=-1"],
+                       capture_output=True, text=True, timeout=300)
+    if importlib.util.find_spec("libtpu") is None:
+        assert r.returncode == 2 and "jax[tpu]" in r.stderr.splitlines()[-1]
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "'fsdp': 4" in r.stdout and "TPU v5 lite" in r.stdout
+    assert "HBM per chip" in r.stdout and "fits" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "llm_jax.train", "--config=configs/tiny.py",
+                          f"--workdir={tmp_path}/w", "--compile_only", "--topology=v9z:1x1"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--topology='v9z:1x1'" in bad.stderr

@@ -176,7 +176,7 @@ def test_skip_drops_a_nonfinite_update_but_keeps_the_schedule_moving():
                                                 if p.ndim == 2 else p, state.params))
         batch = synthetic_batches(1, c.train.batch_size)[0]
         new, m = steps.train_step(bad, batch, model=model, objective=objective, tx=tx,
-                                  lr_schedule=lr, base_rng=jax.random.key(0),
+                                  lr_schedule=lr, seed=0,
                                   skip_nonfinite=True)
     assert not bool(m["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad.params)):
