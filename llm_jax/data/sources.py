@@ -43,7 +43,11 @@ def _prepare_hint(name: str, ddir: str) -> str:
 def _embedded_builder(name: str, ddir: str, process_index: int) -> tfds.core.DatasetBuilder:
     """Builder of an embedded corpus, prepared by process 0; others wait for it."""
     def make() -> tfds.core.DatasetBuilder:
-        return tfds.builder(name, data_dir=ddir, file_format="array_record")
+        try:
+            return tfds.builder(name, data_dir=ddir, file_format="array_record")
+        except (ValueError, tfds.core.registered.DatasetNotFoundError) as e:  # a config
+            reason = " ".join(str(e).split())[:300]
+            raise DataError(f"data.name={name!r}: {reason}") from None
 
     builder = make()
     if builder.is_prepared():
@@ -54,6 +58,8 @@ def _embedded_builder(name: str, ddir: str, process_index: int) -> tfds.core.Dat
             tfds.disable_progress_bar()  # its "Downloading and preparing" lines mislead here
             with contextlib.redirect_stdout(io.StringIO()):
                 builder.download_and_prepare()
+        except corpora.gettext_translation.NoCatalogsError as e:
+            raise DataError(str(e)) from None
         except OSError:
             # Another run sharing data_dir may have finished first (rename race).
             if not make().is_prepared():
