@@ -1,6 +1,7 @@
-"""Fine-tune bert_default on sequence-pair classification: do two code lines come from
-the same file? (code_pairs: stdlib lines, stripped, >= 20 characters, each found in one
-file only; balanced; validation pairs come only from files held out of pretraining.)
+"""Fine-tune bert_default on sequence-pair classification: do two code snippets come from
+the same file? (code_pairs: snippets of 4 stdlib lines, stripped, >= 20 characters, each
+line found in one file only; balanced; validation pairs come only from files held out of
+pretraining.)
 
 Command:  python -m llm_jax.train --config configs/bert_classify.py \
               --workdir runs/bert_classify --config.train.init_from=runs/bert_default
@@ -19,15 +20,14 @@ def get_config():
     c.model.num_classes = 2
     c.data.name = "code_pairs"
     c.data.text_feature = "text_a"
-    c.data.seq_len = 64  # two lines fit
     c.train.init_from = "runs/bert_default"
     c.train.steps = 600
     c.train.batch_size = 32
     c.train.log_every = 50
     c.train.eval_every = 200
-    c.train.eval_batches = 0  # the whole validation split (3,984 pairs)
+    c.train.eval_batches = 0  # the whole validation split
     c.train.checkpoint_every = 200
-    c.optim.learning_rate = 5e-4
+    c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 60
     c.optim.schedule = "linear"
     c.optim.end_lr_ratio = 0.0

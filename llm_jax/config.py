@@ -12,7 +12,14 @@ from typing import Any
 
 import ml_collections
 
-from llm_jax.objectives import FAMILY_OBJECTIVES
+from llm_jax.data.spans import NUM_SENTINELS, noise_spans, raw_length
+
+# What each model family can be trained on (objectives.py implements them).
+FAMILY_OBJECTIVES = {
+    "decoder": ("next_token",),
+    "encoder": ("mlm", "classification", "next_token"),  # next_token: left-to-right ablation
+    "encoder_decoder": ("span_corruption", "seq2seq"),
+}
 
 # Logical axis name -> mesh axes. One table; changing the parallelism is a config edit.
 DEFAULT_RULES = (
@@ -225,6 +232,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}={get(config, key)!r} must be in (0, 1)")
     if k.mean_span_length < 1:
         raise ConfigError(f"config.task.mean_span_length={k.mean_span_length} must be >= 1")
+    target = config.data.target_seq_len
+    if m.family == "encoder_decoder" and 0 < target < 3:
+        raise ConfigError(f"config.data.target_seq_len={target} must be 0 or >= 3 (bos, a "
+                          "token, eos)")
+    if m.family == "encoder" and config.data.seq_len < 5:
+        raise ConfigError(f"config.data.seq_len={config.data.seq_len} must be >= 5 for "
+                          "[CLS] A [SEP] B [SEP]")
+    if k.objective == "span_corruption":
+        n = raw_length(config.data.seq_len, (target or config.data.seq_len) - 1,
+                       k.noise_density, k.mean_span_length)
+        if noise_spans(n, k.noise_density, k.mean_span_length) > NUM_SENTINELS:
+            raise ConfigError(
+                f"config.data.seq_len={config.data.seq_len} with task.noise_density="
+                f"{k.noise_density} and task.mean_span_length={k.mean_span_length} makes "
+                f"more noise spans than the {NUM_SENTINELS} sentinels; shorten the rows or "
+                "lengthen the spans")
     if m.d_model % m.num_heads and not m.head_dim:
         raise ConfigError(
             f"config.model.d_model={m.d_model} is not divisible by model.num_heads="

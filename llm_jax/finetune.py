@@ -24,11 +24,15 @@ from llm_jax.data import tokenizer
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def load_tokenizer(config: ml_collections.ConfigDict) -> tokenizer.Tokenizer:
-    """data.tokenizer_path if set; else the pretrained run's (init_from); else trained."""
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str = "") -> tokenizer.Tokenizer:
+    """data.tokenizer_path if set; else for fine-tuning the run's own copy (a resume) or
+    the pretrained run's (init_from); else the trained and cached one."""
     init_from = config.train.init_from
     if config.data.tokenizer_path or not init_from:
         return tokenizer.load_or_train(config.data)
+    own = os.path.join(workdir, TOKENIZER_FILE)
+    if workdir and os.path.isfile(own):  # the pretrained run may have moved since
+        return tokenizer.load(own)
     path = os.path.join(os.path.expanduser(init_from), TOKENIZER_FILE)
     if not os.path.isfile(path):
         raise ConfigError(f"config.train.init_from={init_from!r} has no {TOKENIZER_FILE}; "

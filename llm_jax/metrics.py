@@ -45,7 +45,8 @@ def _layer_params(cfg: ModelConfig, cross: bool = False) -> tuple[int, int]:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters of a decoder or encoder that take part in a matmul for every token."""
-    heads = cfg.d_model * cfg.vocab_size  # the LM / MLM output head
+    # the LM / MLM output head (a classification-only encoder has none)
+    heads = cfg.d_model * cfg.vocab_size if not cfg.heads or "mlm" in cfg.heads else 0
     if "mlm" in cfg.heads:
         heads += cfg.d_model * cfg.d_model  # BERT's transform before the tied logits
     return cfg.num_layers * _layer_params(cfg)[0] + heads

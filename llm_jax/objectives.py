@@ -23,11 +23,6 @@ Array = jax.Array
 Batch = dict[str, Array]
 Part = tuple[Array, Array, Array]  # per-item loss (nats), per-item hit (0/1), weight
 
-FAMILY_OBJECTIVES = {
-    "decoder": ("next_token",),
-    "encoder": ("mlm", "classification", "next_token"),  # next_token: left-to-right ablation
-    "encoder_decoder": ("span_corruption", "seq2seq"),
-}
 
 
 def next_token_targets(tokens: Array, segment_ids: Array) -> tuple[Array, Array]:

@@ -139,7 +139,7 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.rules = sharding.rules(config.mesh)
         self.mesh = preflight(config, devices)
-        self.tok = None if vocab_size else finetune.load_tokenizer(config)
+        self.tok = None if vocab_size else finetune.load_tokenizer(config, workdir)
         self.objective = objectives.Objective.from_config(config)
         if vocab_size is None:  # next-token decoders never see the appended specials
             decoder = config.model.family == "decoder"
@@ -292,13 +292,12 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
     ckpt.wait()
 
     final = evaluate.run_eval(eval_fn, state.params, eval_global)
-    if start < t.steps:  # a rerun of a finished run reports, but does not log twice
-        _write_eval(writer, log, t.steps, final)
     if config.task.objective == "seq2seq" and config.task.bleu_examples:
         final.update(generate.bleu_eval(tr, state.params))
-        writer.write(t.steps, "eval", {"bleu": final["bleu"]})
-        log.log(f"eval step {t.steps} BLEU {final['bleu']:.2f} on {final['bleu_examples']} "
-                f"examples (sacrebleu, greedy decoding)")
+        log.log(f"BLEU {final['bleu']:.2f} on {final['bleu_examples']} validation examples "
+                "(sacrebleu, greedy decoding)")
+    if start < t.steps:  # a rerun of a finished run reports, but does not log twice
+        _write_eval(writer, log, t.steps, final)
     writer.close()
     if tr.is_main and config.model.family == "decoder":
         text = b"".join(sources.document_bytes(r, config.data)
@@ -317,7 +316,7 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
 def _write_eval(writer: metrics.Writer, log: metrics.Progress, step: int,
                 ev: dict[str, float]) -> None:
     record = {k: v for k, v in ev.items()
-              if k not in ("tokens", "bytes", "lm_loss", "lm_accuracy") and
+              if k not in ("tokens", "bytes", "lm_loss", "lm_accuracy", "bleu_examples") and
               not k.endswith("_count")}
     writer.write(step, "eval", record)
     log.log(metrics.format_record(step, "eval", record))

@@ -58,11 +58,18 @@ def pairs(tmp_path_factory) -> dict[str, list[tuple[str, str, int]]]:
     return {s: _read(builder, s) for s in ("train", "validation")}
 
 
+def _file(snippet: str, where: dict[str, set[str]]) -> str:
+    """The one file holding every line of a snippet."""
+    files = {f for line in snippet.split("\n") for f in where[line]}
+    assert len(files) == 1 and len(snippet.split("\n")) == code_pairs.SNIPPET_LINES
+    return files.pop()
+
+
 def test_labels_match_the_files_and_splits(pairs, line_files):
     where, not_utf8 = line_files
     for split, rows in pairs.items():
         for a, b, label in rows:
-            (file_a,), (file_b,) = where[a], where[b]  # each line is in exactly one file
+            file_a, file_b = _file(a, where), _file(b, where)  # each line is in one file
             assert a != b and label == int(file_a == file_b)
             assert _split(file_a) == _split(file_b) == split
             assert file_a not in not_utf8 and file_b not in not_utf8
@@ -84,7 +91,7 @@ def test_large_files_do_not_dominate(pairs, line_files):
     where, _ = line_files
     uses = collections.Counter()
     for a, b, _ in pairs["train"]:
-        uses.update(next(iter(where[x])) for x in (a, b))
+        uses.update(_file(x, where) for x in (a, b))
     assert uses.most_common(1)[0][1] / sum(uses.values()) < 0.01
 
 

@@ -12,6 +12,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+NUM_SENTINELS = 100  # T5's <extra_id_0..99>; the tokenizer appends this many
+
+
+def noise_spans(length: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> int:
+    """How many noise spans (so sentinels) a row of ``length`` raw tokens gets."""
+    return _noise_counts(length, noise_density, mean_span_length)[1]
+
 
 def _noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
     """(num_noise_tokens, num_noise_spans) for a row of ``length`` tokens (T5's formulas)."""

@@ -121,13 +121,26 @@ _MAKERS: dict[str, Callable[..., list[Example]]] = {
 }
 
 
+def _check_features(config: ml_collections.ConfigDict, source: Any) -> None:
+    """The task's features exist in the dataset: a one-line error otherwise."""
+    task = config.task
+    needed = {"seq2seq": ("inputs_feature", "targets_feature"),
+              "classification": ("text_a_feature", "text_b_feature", "label_feature")}
+    record = source[0] if len(source) else {}
+    for key in needed.get(task.objective, ()):
+        if task[key] not in record:
+            raise sources.DataError(
+                f"dataset {config.data.name!r} has no feature task.{key}={task[key]!r}; "
+                f"available: {sorted(record)}")
+
+
 def _rows(config: ml_collections.ConfigDict, tok: Tokenizer, records: grain.MapDataset,
-          source: Any, seed: int, threads: int) -> grain.IterDataset:
-    """Records → examples (seeded by (seed, index in the stream)) → packed rows."""
+          source: Any, seed: int, threads: int, process_index: int = 0) -> grain.IterDataset:
+    """Records → examples (seeded by (seed, process, index in this process's stream))."""
     make = functools.partial(_MAKERS[config.task.objective], config=config, tok=tok,
                              source=source)
     examples = records.map_with_index(
-        lambda i, rec: make(np.random.default_rng([seed, i]), rec))
+        lambda i, rec: make(np.random.default_rng([seed, process_index, i]), rec))
     stream = examples.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(16 * threads, 1)))
     return grain.experimental.FlatMapIterDataset(stream, _Flatten())
@@ -159,7 +172,9 @@ def train_iterator(config: ml_collections.ConfigDict, tok: Tokenizer, *, process
     source = sources.load_source(d, d.train_split)
     records = pipeline.shuffled_documents(source, seed=seed, process_index=process_index,
                                           process_count=process_count)
-    rows = _rows(config, tok, records, source, seed, max(int(d.worker_threads), 0))
+    _check_features(config, source)
+    rows = _rows(config, tok, records, source, seed, max(int(d.worker_threads), 0),
+                 process_index)
     rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=max(local, 1024),
                                                        seed=seed)
     batches = iter(_pack(config, tok, rows, max(local, 64)).batch(local, drop_remainder=True))
@@ -178,6 +193,7 @@ def eval_batches(config: ml_collections.ConfigDict, tok: Tokenizer, *, process_i
         return pipeline.eval_batches(d, tok, global_batch_size=t.batch_size,
                                      process_index=process_index, process_count=process_count)
     source = sources.load_source(d, d.eval_split)
+    _check_features(config, source)
     rows = _rows(config, tok, grain.MapDataset.source(source), source, _EVAL_SEED, 0)
     rows = list(_pack(config, tok, rows, 1024))
     shapes = objectives.feature_shapes(config)

@@ -24,13 +24,13 @@ import numpy as np
 import sentencepiece as spm
 
 from llm_jax.data import sources
+from llm_jax.data.spans import NUM_SENTINELS
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Special tokens appended after the SentencePiece pieces (as Hugging Face adds tokens), so
 # adding them never retrains or renumbers a tokenizer: [CLS], [SEP], [MASK] for the
 # encoder, then T5's sentinels <extra_id_0..99> for span corruption.
 SPECIALS = ("[CLS]", "[SEP]", "[MASK]")
-NUM_SENTINELS = 100
 _WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
                         ) | frozenset(range(0x80, 0x100))
 _SPACE = "\u2581"  # SentencePiece's whitespace symbol
@@ -92,8 +92,7 @@ class Tokenizer:
         self.num_pieces = self.vocab_size  # SentencePiece's own; specials follow
         self.cls_id, self.sep_id, self.mask_id = range(self.num_pieces, self.num_pieces + 3)
         self.sentinel_ids = list(range(self.num_pieces + 3, self.num_pieces + 3 + NUM_SENTINELS))
-        self._names = list(SPECIALS) + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
-        table += [b""] * len(self._names)
+        table += [b""] * (len(SPECIALS) + NUM_SENTINELS)
         self.vocab_size = len(table)
         self._table = table
         self._byte_ids = byte_ids
@@ -123,12 +122,6 @@ class Tokenizer:
         """Bytes of ids; specials decode to nothing."""
         table = self._table
         return b"".join(table[i] for i in np.asarray(ids).reshape(-1).tolist())
-
-    def piece(self, i: int) -> str:
-        """A readable name of id i: its text, or the special's name like "[MASK]"."""
-        if i >= self.num_pieces:
-            return self._names[i - self.num_pieces]
-        return self._sp.id_to_piece(i)
 
     def word_starts(self, ids: np.ndarray) -> np.ndarray:
         """True where ids[..., t] begins a new word (see _WORD_BYTES)."""

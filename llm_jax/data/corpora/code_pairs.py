@@ -1,14 +1,16 @@
-"""TFDS builder of a sequence-pair task: do two standard-library code lines share a file?
+"""TFDS builder of a sequence-pair task: do two standard-library code snippets share a file?
 
 Built from the same files as ``stdlib_source`` with the same split rule, so validation pairs
 come only from stdlib_source's validation files. Lines are stripped of leading and trailing
 whitespace (indentation would otherwise hint at the file's style); a line is used when it is
 at least 20 characters long and occurs in exactly one file (counted over all files, so the
-label is never ambiguous and no line is in both splits). Files that are not valid UTF-8 are
-skipped (their lines still count for that uniqueness). ``label`` is 1 for two different lines
-of one file and 0 for lines of two different files of the same split; the labels are 50/50.
-Each file gives ~sqrt(#lines) positives (capped, so big files do not dominate) and as many
-negatives with a line of it as ``text_a``. Deterministic: fixed seed, sorted file order.
+label is never ambiguous and no line is in both splits). A snippet is SNIPPET_LINES such
+consecutive usable lines of a file, joined by newlines (single lines gave a small model too
+little evidence). Files that are not valid UTF-8 are skipped (their lines still count for
+that uniqueness). ``label`` is 1 for two different snippets of one file and 0 for snippets
+of two different files of the same split; the labels are 50/50. Each file gives
+~sqrt(#snippets) positives (capped, so big files do not dominate) and as many negatives
+with a snippet of it as ``text_a``. Deterministic: fixed seed, sorted file order.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import tensorflow_datasets as tfds
 from llm_jax.data.corpora.stdlib_source import list_files, python_version, split_of, stdlib_root
 
 MIN_CHARS = 20
+SNIPPET_LINES = 4
 SEED = 20240531
 TARGET_PAIRS = {"train": 40_000, "validation": 4_000}
 _WEIGHT_CAP = 30.0  # sqrt(900): a file's share stops growing beyond 900 usable lines
 
 
 def file_lines(root: str, paths: list[str]) -> dict[str, list[str]]:
-    """Usable stripped lines of each UTF-8 file (first-occurrence order), unique across files."""
+    """Snippets of each UTF-8 file: SNIPPET_LINES consecutive usable stripped lines (each
+    unique across files), in file order."""
     per_file: dict[str, list[str]] = {}
     n_files: collections.Counter = collections.Counter()
     for path in paths:
@@ -44,7 +48,10 @@ def file_lines(root: str, paths: list[str]) -> dict[str, list[str]]:
         n_files.update(lines)  # every file counts, so shared lines are excluded everywhere
         if utf8:
             per_file[path] = lines
-    return {p: [s for s in lines if n_files[s] == 1] for p, lines in per_file.items()}
+    unique = {p: [s for s in lines if n_files[s] == 1] for p, lines in per_file.items()}
+    return {p: ["\n".join(ls[i:i + SNIPPET_LINES])
+                for i in range(0, len(ls) - SNIPPET_LINES + 1, SNIPPET_LINES)]
+            for p, ls in unique.items()}
 
 
 def make_pairs(lines: dict[str, list[str]], total: int, seed: int) -> list[tuple[str, str, int]]:
@@ -83,10 +90,11 @@ def make_pairs(lines: dict[str, list[str]], total: int, seed: int) -> list[tuple
 
 
 class CodePairs(tfds.core.GeneratorBasedBuilder):
-    """Pairs of stdlib code lines labelled 1 when they come from the same file."""
+    """Pairs of stdlib code snippets labelled 1 when they come from the same file."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: single lines.",
+                     "2.0.0": "Snippets of SNIPPET_LINES lines."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         # Without TF, Text is returned as bytes and ClassLabel as an int64 scalar.
