@@ -5,7 +5,7 @@ Runtime:  ~6 min on a 2-core x86 CPU after the one-time corpus and tokenizer pre
 Expected: see README ("Model families"); the measured MLM and NSP accuracies are there.
 Data:     rows are [CLS] A [SEP] B [SEP] over 128 tokens; a "sentence" of code is a block
           (a run of non-blank lines with the blank lines after it). B follows A in half
-          the pairs and comes from another file in the rest. 15% of the other tokens are
+          the pairs and comes from a random file in the rest. 15% of the other tokens are
           chosen for MLM: 80% become [MASK], 10% a random piece, 10% stay.
 Variants: --config.task.nsp=False (MLM only, B always follows A);
           --config.task.whole_word=True (whole-word masking).

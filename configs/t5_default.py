@@ -1,9 +1,9 @@
 """A small T5 (encoder-decoder, span corruption) pretrained on the embedded stdlib corpus.
 
 Command:  python -m llm_jax.train --config configs/t5_default.py --workdir runs/t5_default
-Runtime:  ~10 min on a 2-core x86 CPU after the one-time corpus and tokenizer preparation.
+Runtime:  ~8 min on a 2-core x86 CPU after the one-time corpus and tokenizer preparation.
 Expected: see README ("Model families") for the measured loss and accuracy.
-Data:     each file is cut into pieces of 286 tokens; 15% of them, in spans of mean length
+Data:     each file is cut into pieces of 284 tokens; 15% of them, in spans of mean length
           3, are replaced by sentinels <extra_id_k> (inputs 256 tokens with eos); the
           targets are the sentinels followed by their spans (T5's format), packed into
           rows of 64 on the decoder side.

@@ -6,7 +6,8 @@ Command:  python -m llm_jax.train --config configs/t5_translate.py \
               --workdir runs/t5_translate --config.train.init_from=runs/t5_default
 Runtime:  ~10 min on a 2-core x86 CPU, plus ~1 min of decoding for BLEU.
 Expected: validation BLEU in the README ("Model families").
-Other languages: --config.data.name=gettext_translation/fr (any catalog language).
+Other languages: --config.data.name=gettext_translation/fr (any of the 24 configured in
+          llm_jax/data/corpora/gettext_translation.py that has catalogs here).
 """
 import os
 

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.norm = "layernorm"  # layernorm | rmsnorm
     m.positions = "learned"  # learned | rope
     m.rope_theta = 10000.0
-    m.max_len = 0  # learned positions table size; 0: data.seq_len
+    m.max_len = 0  # learned positions table size; 0: the longest row (seq_len, target_seq_len)
     m.dropout = 0.0
     m.tie_embeddings = True
     m.use_bias = False
