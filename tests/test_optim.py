@@ -51,7 +51,8 @@ def test_decay_mask_on_a_real_scanned_model():
                       head_dim=8, mlp_dim=32, max_len=8, use_bias=True, qkv_conv=3,
                       positions="rope", tie_embeddings=False)
     t = jnp.zeros((1, 8), jnp.int32)
-    params = jax.eval_shape(lambda: build(cfg).init(jax.random.key(0), t, t, t + 1))["params"]
+    batch = {"tokens": t, "positions": t, "segment_ids": t + 1}
+    params = jax.eval_shape(lambda: build(cfg).init(jax.random.key(0), batch))["params"]
     params = jax.tree.map(lambda b: b.value, params, is_leaf=lambda x: hasattr(x, "names"))
     flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]
     decayed = {jax.tree_util.keystr(k) for k, v in flat if v}

@@ -82,11 +82,14 @@ def test_str_input_equals_utf8_bytes(tok):  # noqa: F811
 def test_special_ids_are_fixed_and_distinct(tok):  # noqa: F811
     specials = (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id)
     assert specials == (0, 1, 2, 3)
-    assert tok.vocab_size == 512 and tok.token_bytes.shape == (512,)
-    assert (tok.token_bytes[list(specials)] == 0).all()
-    assert (tok.token_bytes[4:] > 0).all()  # every other piece decodes to bytes
+    # 512 pieces, then [CLS] [SEP] [MASK] and 100 sentinels appended after them
+    assert tok.num_pieces == 512 and tok.vocab_size == 512 + 3 + 100
+    appended = [tok.cls_id, tok.sep_id, tok.mask_id, *tok.sentinel_ids]
+    assert appended == list(range(512, 615)) and tok.token_bytes.shape == (615,)
+    assert (tok.token_bytes[list(specials) + appended] == 0).all()
+    assert (tok.token_bytes[4:512] > 0).all()  # every other piece decodes to bytes
     ids = tok.encode(bytes(range(256)) * 3)
-    assert not np.isin(ids, specials).any()
+    assert not np.isin(ids, specials).any() and ids.max() < 512
 
 
 def test_cached_model_is_reused(data_cfg, tok, monkeypatch):  # noqa: F811

@@ -117,8 +117,6 @@ def test_accumulation_matches_the_full_batch(single_device, name):
     c = tiny_config(name)
     c.model.dtype = "float32"
     reference = single_device if name == "tiny" else train_losses(c, jax.devices()[:1])
-    c = tiny_config()
-    c.model.dtype = "float32"
     c.train.microbatches = 4
     losses, params = train_losses(c, jax.devices()[:1])
     np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
