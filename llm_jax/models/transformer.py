@@ -90,6 +90,12 @@ def _positions(cfg: ModelConfig, x: Array, positions: Array, name: str) -> Array
                      param_dtype=cfg.param_dtype, name=name)(positions)
 
 
+def _enter(cfg: ModelConfig, x: Array, deterministic: bool) -> Array:
+    """Embeddings into the stack: dropout, then the activation's logical axes."""
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
 def _lm_logits(cfg: ModelConfig, embed: Embed, x: Array, name: str = "lm_head") -> Array:
     """Token logits in float32: tied to the input embedding or a separate head."""
     if cfg.tie_embeddings:
@@ -110,9 +116,8 @@ class DecoderLM(nn.Module):
     def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> dict[str, Array]:
         cfg, positions, seg = self.cfg, batch["positions"], batch["segment_ids"]
         embed = _embed(cfg)
-        x = _positions(cfg, embed(batch["tokens"]), positions, "pos_embed")
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = _enter(cfg, _positions(cfg, embed(batch["tokens"]), positions, "pos_embed"),
+                   deterministic)
         x = Stack(cfg, cfg.num_layers, causal=True, deterministic=deterministic,
                   name="decoder")(x, segment_mask(seg, seg), positions)
         return {"logits": _lm_logits(cfg, embed, norm(cfg, "final_norm")(x))}
@@ -136,8 +141,7 @@ class Encoder(nn.Module):
         x = _positions(cfg, embed(batch["tokens"]), positions, "pos_embed")
         x = x + Embed(cfg.type_vocab_size, cfg.d_model, axes=(None, "embed"), dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype, name="type_embed")(batch["token_types"])
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = _enter(cfg, x, deterministic)
         x = Stack(cfg, cfg.num_layers, causal=cfg.left_to_right, deterministic=deterministic,
                   name="encoder")(x, segment_mask(seg, seg), positions)
         x = norm(cfg, "final_norm")(x)
@@ -181,20 +185,19 @@ class EncoderDecoder(nn.Module):
         given, the encoder is not run again (decoding step by step)."""
         cfg = self.cfg
         embed = _embed(cfg)
-        drop = lambda x: nn.Dropout(cfg.dropout)(x, deterministic=deterministic)  # noqa: E731
         iseg = batch["inputs_segment_ids"]
         if encoded is None:
             pos = batch["inputs_positions"]
-            x = drop(_positions(cfg, embed(batch["inputs"]), pos, "enc_pos_embed"))
-            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+            x = _enter(cfg, _positions(cfg, embed(batch["inputs"]), pos, "enc_pos_embed"),
+                       deterministic)
             x = Stack(cfg, cfg.num_layers, causal=False, deterministic=deterministic,
                       name="encoder")(x, segment_mask(iseg, iseg), pos)
             encoded = norm(cfg, "encoder_norm")(x)
             if encode_only:
                 return {"encoded": encoded}
         tseg, pos = batch["targets_segment_ids"], batch["targets_positions"]
-        y = drop(_positions(cfg, embed(batch["targets"]), pos, "dec_pos_embed"))
-        y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+        y = _enter(cfg, _positions(cfg, embed(batch["targets"]), pos, "dec_pos_embed"),
+                   deterministic)
         y = Stack(cfg, cfg.decoder_depth, causal=True, cross=True,
                   deterministic=deterministic, name="decoder")(
             y, segment_mask(tseg, tseg), pos, encoded, segment_mask(tseg, iseg))
