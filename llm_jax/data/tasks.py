@@ -78,7 +78,12 @@ def _classification_examples(rng: np.random.Generator, record: Any, *,
     a, b = pairs.truncate_pair(a, b, seq - 3, rng)
     row = pairs.encode_pair(a, b, cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id,
                             seq_len=seq)
-    row["label"] = np.int32(record[task.label_feature])
+    label = int(record[task.label_feature])
+    if not 0 <= label < config.model.num_classes:  # optax would give a NaN loss
+        raise sources.DataError(
+            f"{config.data.name!r} has label {label}, outside model.num_classes="
+            f"{config.model.num_classes}; set --config.model.num_classes")
+    row["label"] = np.int32(label)
     return [row]
 
 
