@@ -59,9 +59,10 @@ def bleu_eval(tr: Any, params: Any) -> dict[str, float]:
     n = min(task.bleu_examples, len(source))
     # evenly spaced: a sorted split's prefix would be one corner of the alphabet
     records = [source[int(i)] for i in np.linspace(0, len(source) - 1, n)]
-    text = lambda r, f: bytes(r[f]) if not isinstance(r[f], str) else r[f].encode()  # noqa
-    src = [tok.encode(text(r, task.inputs_feature))[:d.seq_len - 1] for r in records]
-    refs = [text(r, task.targets_feature).decode("utf-8", "replace") for r in records]
+    src = [tok.encode(sources.feature_bytes(r, task.inputs_feature))[:d.seq_len - 1]
+           for r in records]
+    refs = [sources.feature_bytes(r, task.targets_feature).decode("utf-8", "replace")
+            for r in records]
     length = d.target_seq_len or d.seq_len
     local = g // jax.process_count()
     hyps: list[str] = []

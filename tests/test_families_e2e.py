@@ -25,20 +25,22 @@ def records(workdir, split):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-@pytest.fixture(scope="module")
-def bert_run(tmp_path_factory, data_cfg):  # noqa: F811
-    workdir = tmp_path_factory.mktemp("bert")
-    r = train("bert_tiny", workdir, data_cfg.data_dir)
+def pretrained(config, tmp_path_factory, data_dir):
+    """Workdir of a finished run of configs/CONFIG.py."""
+    workdir = tmp_path_factory.mktemp(config)
+    r = train(config, workdir, data_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     return workdir
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory, data_cfg):  # noqa: F811
+    return pretrained("bert_tiny", tmp_path_factory, data_cfg.data_dir)
 
 
 @pytest.fixture(scope="module")
 def t5_run(tmp_path_factory, data_cfg):  # noqa: F811
-    workdir = tmp_path_factory.mktemp("t5")
-    r = train("t5_tiny", workdir, data_cfg.data_dir)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return workdir
+    return pretrained("t5_tiny", tmp_path_factory, data_cfg.data_dir)
 
 
 def test_bert_learns_mlm_and_nsp_and_writes_the_same_outputs_as_the_decoder(bert_run):

@@ -8,7 +8,7 @@ the way BERT's create_instances_from_document does; ``encode_pair`` lays a pair 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def document_pairs(
     rng: np.random.Generator,
     *,
     max_tokens: int,
-    random_document: Callable[[], list[np.ndarray]],
+    random_document: Callable[[], Sequence[np.ndarray]],
     next_prob: float = 0.5,
     short_seq_prob: float = 0.1,
 ) -> list[tuple[np.ndarray, np.ndarray, bool]]:

@@ -135,7 +135,12 @@ def load_source(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[Map
 
 def document_bytes(record: Mapping[str, Any], data_cfg: ml_collections.ConfigDict) -> bytes:
     """The text feature of a record as bytes (str is UTF-8 encoded)."""
-    value = record[data_cfg.text_feature]
+    return feature_bytes(record, data_cfg.text_feature)
+
+
+def feature_bytes(record: Mapping[str, Any], feature: str) -> bytes:
+    """A text feature of a record as bytes (str is UTF-8 encoded)."""
+    value = record[feature]
     if isinstance(value, str):
         return value.encode("utf-8")
     if isinstance(value, bytes):

@@ -13,6 +13,7 @@ Encoder rows are [CLS] A [SEP] B [SEP] + padding, one pair per row. For code, a
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import grain
@@ -35,9 +36,18 @@ class _Flatten(grain.experimental.FlatMapTransform):
         return element
 
 
-def _text(record: Any, feature: str) -> bytes:
-    value = record[feature]
-    return value.encode() if isinstance(value, str) else bytes(value)
+class _LazySentences:
+    """A document's sentences, tokenized only when read: an NSP negative uses a few
+    blocks of a random document, not the whole file."""
+
+    def __init__(self, text: bytes, tok: Tokenizer):
+        self._blocks, self._tok = pairs.code_sentences(text), tok
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __getitem__(self, index: slice) -> Iterator[np.ndarray]:
+        return (self._tok.encode(b) for b in self._blocks[index])
 
 
 def _mlm_examples(rng: np.random.Generator, record: Any, *, config: ml_collections.ConfigDict,
@@ -49,7 +59,8 @@ def _mlm_examples(rng: np.random.Generator, record: Any, *, config: ml_collectio
         text = sources.document_bytes(rec, config.data)
         return [tok.encode(s) for s in pairs.code_sentences(text)]
 
-    random_doc = lambda: sentences(source[int(rng.integers(len(source)))])  # noqa: E731
+    random_doc = lambda: _LazySentences(  # noqa: E731
+        sources.document_bytes(source[int(rng.integers(len(source)))], config.data), tok)
     found = pairs.document_pairs(sentences(record), rng, max_tokens=seq - 3,
                                  random_document=random_doc,
                                  next_prob=0.5 if task.objective == "mlm" and task.nsp else 1.0)
@@ -74,7 +85,8 @@ def _classification_examples(rng: np.random.Generator, record: Any, *,
                              config: ml_collections.ConfigDict, tok: Tokenizer,
                              source: Any) -> list[Example]:
     task, seq = config.task, config.data.seq_len
-    a, b = (tok.encode(_text(record, f)) for f in (task.text_a_feature, task.text_b_feature))
+    text = lambda feature: tok.encode(sources.feature_bytes(record, feature))  # noqa: E731
+    a, b = text(task.text_a_feature), text(task.text_b_feature)
     a, b = pairs.truncate_pair(a, b, seq - 3, rng)
     row = pairs.encode_pair(a, b, cls_id=tok.cls_id, sep_id=tok.sep_id, pad_id=tok.pad_id,
                             seq_len=seq)
@@ -113,8 +125,9 @@ def _seq2seq_examples(rng: np.random.Generator, record: Any, *,
     """inputs + eos → bos + targets + eos, each cut to its side's length."""
     del rng
     task, d = config.task, config.data
-    src = tok.encode(_text(record, task.inputs_feature))[:d.seq_len - 1]
-    tgt = tok.encode(_text(record, task.targets_feature))[:(d.target_seq_len or d.seq_len) - 2]
+    text = lambda feature: tok.encode(sources.feature_bytes(record, feature))  # noqa: E731
+    src = text(task.inputs_feature)[:d.seq_len - 1]
+    tgt = text(task.targets_feature)[:(d.target_seq_len or d.seq_len) - 2]
     return [{"inputs": np.concatenate([src, [tok.eos_id]]).astype(np.int32),
              "targets": np.concatenate([[tok.bos_id], tgt, [tok.eos_id]]).astype(np.int32)}]
 
