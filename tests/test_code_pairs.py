@@ -106,3 +106,45 @@ def test_make_pairs_ignores_dict_order():
     shuffled = dict(reversed(list(lines.items())))
     first = code_pairs.make_pairs(lines, 20, seed=1)
     assert first == code_pairs.make_pairs(shuffled, 20, seed=1) and len(first) == 20
+
+
+@pytest.fixture(scope="module")
+def next_pairs(tmp_path_factory) -> dict[str, list[tuple[str, str, int]]]:
+    builder = tfds.builder("code_next", data_dir=str(tmp_path_factory.mktemp("next")),
+                           file_format="array_record")
+    builder.download_and_prepare()
+    return {s: _read(builder, s) for s in ("train", "validation")}
+
+
+def test_code_next_labels_follow_the_files(next_pairs, line_files):
+    """is_next == B's lines are the next usable lines after A's in A's file (first
+    occurrences), recomputed from the file text; otherwise B comes from another file of
+    the split."""
+    where, _ = line_files
+    root = sysconfig.get_paths()["stdlib"]
+    usable = lambda s: len(s) >= 20 and len(where[s]) == 1  # noqa: E731
+    for split, rows in next_pairs.items():
+        for a, b, label in rows[:: 7 if split == "train" else 1]:
+            file_a, file_b = _file(a, where), _file(b, where)
+            assert _split(file_a) == _split(file_b) == split
+            assert label == int(file_a == file_b)
+            if label:
+                with open(os.path.join(root, file_a), encoding="utf-8") as f:
+                    stripped = [ln.strip() for ln in f.read().splitlines()]
+                # the builder keeps each line's first occurrence in a file
+                last_a, first_b = (stripped.index(x) for x in (a.split("\n")[-1],
+                                                               b.split("\n")[0]))
+                assert last_a < first_b
+                assert not any(usable(s) and stripped.index(s) == i
+                               for i, s in enumerate(stripped[last_a + 1:first_b], last_a + 1))
+
+
+def test_code_next_is_balanced_per_text_a(next_pairs):
+    for split, target in (("train", 40_000), ("validation", 4_000)):
+        rows = next_pairs[split]
+        assert 0.85 * target < len(rows) <= 1.05 * target
+        by_a = collections.defaultdict(list)
+        for a, _, label in rows:
+            by_a[a].append(label)
+        # every A is asked twice, once with its next snippet and once with another file's
+        assert all(sorted(labels) == [0, 1] for labels in by_a.values())

@@ -2,9 +2,11 @@
 
 Pretrains the bert_default encoder three ways with the same budget (steps, batch, rows):
 MLM + NSP, MLM only (B always follows A, no NSP head) and a left-to-right LM (causal
-attention, next-token loss, no NSP). Each is fine-tuned on code_pairs ("do these two code
-lines come from the same file?") with configs/bert_classify.py; a fourth arm fine-tunes
-from scratch. Prints and writes a Markdown table of validation accuracies.
+attention, next-token loss, no NSP). Each is fine-tuned on two pair tasks with the same
+fine-tuning budget: code_pairs ("do these two snippets come from the same file?",
+configs/bert_classify.py) and code_next ("is B the snippet right after A?",
+configs/bert_next.py); a fourth arm fine-tunes from scratch. Prints and writes a Markdown
+table of validation accuracies.
 
     python experiments/nsp_ablation/run.py [--root runs/nsp_ablation] [--steps 1000]
 
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 
+TASKS = {"code_pairs": "bert_classify", "code_next": "bert_next"}  # task: fine-tuning config
 ARMS = {
     "MLM + NSP": [],
     "MLM only": ["--config.task.nsp=False"],
@@ -52,17 +55,20 @@ def main() -> None:
         pre_eval = train("bert_default", pre, f"--config.train.steps={args.steps}",
                          *overrides)
         causal = [o for o in overrides if "left_to_right" in o]
-        fine = train("bert_classify", os.path.join(args.root, slug, "classify"),
-                     f"--config.train.init_from={pre}", *causal)
+        fine = {task: train(config, os.path.join(args.root, slug, task),
+                            f"--config.train.init_from={pre}", *causal)
+                for task, config in TASKS.items()}
         rows.append((arm, pre_eval, fine))
     # the same tokenizer as the other arms, and no pretrained parameters
     tokenizer = os.path.join(args.root, "mlm_nsp", "pretrain", "tokenizer.model")
-    scratch = train("bert_classify", os.path.join(args.root, "scratch", "classify"),
-                    "--config.train.init_from=", f"--config.data.tokenizer_path={tokenizer}")
+    scratch = {task: train(config, os.path.join(args.root, "scratch", task),
+                           "--config.train.init_from=",
+                           f"--config.data.tokenizer_path={tokenizer}")
+               for task, config in TASKS.items()}
     rows.append(("no pretraining", None, scratch))
 
-    lines = ["| pretraining | pretrain eval | code_pairs accuracy | minutes |",
-             "| --- | --- | --- | --- |"]
+    lines = ["| pretraining | pretrain eval | " + " | ".join(f"{t} accuracy" for t in TASKS)
+             + " | minutes |", "| --- | --- | " + "--- | " * len(TASKS) + "--- |"]
     for arm, pre, fine in rows:
         if pre is None:
             pre_text = "-"
@@ -72,8 +78,9 @@ def main() -> None:
                 pre_text += f"; NSP acc {pre['nsp_accuracy']:.3f}"
         else:
             pre_text = f"LM loss {pre['loss']:.3f}, acc {pre['accuracy']:.3f}"
-        minutes = fine["minutes"] + (pre["minutes"] if pre else 0)
-        lines.append(f"| {arm} | {pre_text} | {fine['accuracy']:.4f} | {minutes:.1f} |")
+        minutes = sum(f["minutes"] for f in fine.values()) + (pre["minutes"] if pre else 0)
+        accs = " | ".join(f"{fine[t]['accuracy']:.4f}" for t in TASKS)
+        lines.append(f"| {arm} | {pre_text} | {accs} | {minutes:.1f} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.root, "results.md"), "w") as f:

@@ -1,7 +1,8 @@
 """Masks and multi-head (grouped-query) attention.
 
-Attention is softmax(QKᵀ/√d_k)V, computed by `jax.nn.dot_product_attention` so that
-`implementation='cudnn'` gives flash attention on NVIDIA GPUs and 'xla' runs anywhere.
+Attention is softmax(QKᵀ/√d_k)V. On GPU and TPU it is `jax.nn.dot_product_attention`, so
+`implementation='cudnn'` gives flash attention on NVIDIA GPUs; on CPU it is our own with
+a FlashAttention-style backward, which XLA:CPU runs faster (README, Performance).
 """
 from __future__ import annotations
 
@@ -25,6 +26,71 @@ def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
 def causal_mask(length: int) -> Array:
     """[1, 1, q, kv] True where the key is not in the future of the query."""
     return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+def _scores(q: Array, k: Array, mask: Array) -> Array:
+    """Masked, scaled logits [b, kv_heads, group, q, kv] in f32 (q grouped per kv head)."""
+    b, t, kh, g, d = q.shape
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(mask[:, :, None], s * d ** -0.5, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def _attention_grouped(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    return _attention_fwd(q, k, v, mask)[0]
+
+
+def _attention_fwd(q: Array, k: Array, v: Array, mask: Array):
+    s = _scores(q, k, mask)
+    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - lse)
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32).astype(q.dtype)
+    return o, (q, k, v, mask, o, lse)
+
+
+def _attention_bwd(res, do: Array):
+    q, k, v, mask, o, lse = res
+    p = jnp.exp(_scores(q, k, mask) - lse)  # recomputed: O(T²) floats are not kept
+    do = do.astype(q.dtype)
+    f32, scale = jnp.float32, q.shape[-1] ** -0.5
+    dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(q.dtype), do, preferred_element_type=f32)
+    dp = jnp.einsum("btkgd,bskd->bkgts", do, v, preferred_element_type=f32)
+    # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over head_dim,
+    # not over the kv length (FlashAttention's trick; XLA:CPU's T² reduction is slow)
+    delta = jnp.einsum("btkgd,btkgd->bkgt", do.astype(f32), o.astype(f32))[..., None]
+    ds = (p * (dp - delta) * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=f32)
+    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=f32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention_grouped.defvjp(_attention_fwd, _attention_bwd)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, causal: bool,
+                          implementation: str | None = None) -> Array:
+    """softmax(QKᵀ/√d)V for q [b, t, heads, d] and k, v [b, s, kv_heads, d].
+
+    `implementation` None picks per platform: on CPU a version with a hand-written,
+    FlashAttention-style backward (faster on XLA:CPU, README Performance), elsewhere
+    `jax.nn.dot_product_attention`; 'xla' or 'cudnn' force that one.
+    """
+    library = lambda: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+    if implementation is not None:
+        return library()
+    b, t, h, d = q.shape
+    full = jnp.ones((1, 1, t, k.shape[1]), bool) if mask is None else mask
+    if causal:
+        full = full & causal_mask(t)
+    full = jnp.broadcast_to(full, (b, 1, t, k.shape[1]))
+
+    def grouped() -> Array:
+        qg = q.reshape(b, t, k.shape[2], h // k.shape[2], d)
+        return _attention_grouped(qg, k, v, full).reshape(b, t, h, d)
+
+    return jax.lax.platform_dependent(cpu=grouped, default=library)
 
 
 class DepthwiseConv(nn.Module):
@@ -92,8 +158,7 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=self.causal, implementation=cfg.attention_impl)
+        out = dot_product_attention(q, k, v, mask, self.causal, cfg.attention_impl)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return Dense((cfg.d_model,), ("heads", "head_dim"), ("embed",),
                       std=init_std(cfg, residual_out=True), use_bias=cfg.use_bias,

@@ -1,4 +1,8 @@
-"""TFDS builder of a sequence-pair task: do two standard-library code snippets share a file?
+"""TFDS builders of two sequence-pair tasks on standard-library code snippets.
+
+``code_pairs``: do two snippets share a file? ``code_next``: is B the snippet right after
+A in its file, or one from another file (BERT's next-sentence task, on stripped snippets
+instead of blocks, as a downstream task)?
 
 Built from the same files as ``stdlib_source`` with the same split rule, so validation pairs
 come only from stdlib_source's validation files. Lines are stripped of leading and trailing
@@ -7,17 +11,18 @@ at least 20 characters long and occurs in exactly one file (counted over all fil
 label is never ambiguous and no line is in both splits). A snippet is SNIPPET_LINES such
 consecutive usable lines of a file, joined by newlines (single lines gave a small model too
 little evidence). Files that are not valid UTF-8 are skipped (their lines still count for
-that uniqueness). ``label`` is 1 for two different snippets of one file and 0 for snippets
-of two different files of the same split; the labels are 50/50. Each file gives
-~sqrt(#snippets) positives (capped, so big files do not dominate) and as many negatives
-with a snippet of it as ``text_a``. Deterministic: fixed seed, sorted file order.
+that uniqueness). code_pairs' ``label`` is 1 for two different snippets of one file and 0
+for snippets of two different files of the same split; code_next's is 1 when B is the
+snippet after A and 0 when B is a snippet of another file. Labels are 50/50: each file
+gives ~sqrt(#snippets) positives (capped, so big files do not dominate) and as many
+negatives with the same ``text_a``s. Deterministic: fixed seed, sorted file order.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -54,19 +59,34 @@ def file_lines(root: str, paths: list[str]) -> dict[str, list[str]]:
             for p, ls in unique.items()}
 
 
-def make_pairs(lines: dict[str, list[str]], total: int, seed: int) -> list[tuple[str, str, int]]:
-    """~total shuffled (text_a, text_b, label) pairs, half positive, from the files in lines."""
+def _file_counts(lines: dict[str, list[str]], total: int, rng: np.random.Generator,
+                 most: Callable[[np.ndarray], np.ndarray]):
+    """Sorted paths with two snippets or more, positives per file (~total/2 shared by
+    sqrt(size), at most most(sizes)), and a sampler of another file weighted alike."""
     paths = sorted(p for p, ls in lines.items() if len(ls) >= 2)
     if len(paths) < 2:
-        raise ValueError(f"need two files with two usable lines each, got {len(paths)}")
-    rng = np.random.default_rng(seed)
+        raise ValueError(f"need two files with two snippets each, got {len(paths)}")
     sizes = np.array([len(lines[p]) for p in paths])
     weights = np.minimum(np.sqrt(sizes), _WEIGHT_CAP)
-    counts = np.minimum(np.round(total / 2 * weights / weights.sum()), sizes * (sizes - 1) // 2)
+    counts = np.minimum(np.round(total / 2 * weights / weights.sum()), most(sizes)).astype(int)
     cum = np.cumsum(weights)
+
+    def other_file(a: int) -> list[str]:
+        while (b := int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))) == a:
+            pass
+        return lines[paths[b]]
+
+    return paths, counts, other_file
+
+
+def make_pairs(lines: dict[str, list[str]], total: int, seed: int) -> list[tuple[str, str, int]]:
+    """~total shuffled (text_a, text_b, same_file) pairs, half positive, from the files in
+    lines."""
+    rng = np.random.default_rng(seed)
+    paths, counts, other_file = _file_counts(lines, total, rng, lambda n: n * (n - 1) // 2)
     pairs: list[tuple[str, str, int]] = []
     seen: set[frozenset[str]] = set()
-    for a, (path, k) in enumerate(zip(paths, counts.astype(int))):
+    for a, (path, k) in enumerate(zip(paths, counts)):
         own = lines[path]
         for _ in range(k):  # positives: two different lines of this file, new pair each time
             while True:
@@ -77,15 +97,27 @@ def make_pairs(lines: dict[str, list[str]], total: int, seed: int) -> list[tuple
             pairs.append((own[i], own[j], 1))  # choice's order makes either line text_a
         for _ in range(k):  # negatives: a line of this file, one of another (weighted) file
             while True:
-                b = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
-                if b == a:
-                    continue
-                other = lines[paths[b]]
+                other = other_file(a)
                 x, y = own[rng.integers(len(own))], other[rng.integers(len(other))]
                 if frozenset((x, y)) not in seen:
                     break
             seen.add(frozenset((x, y)))
             pairs.append((x, y, 0))
+    return [pairs[i] for i in rng.permutation(len(pairs))]
+
+
+def make_next_pairs(lines: dict[str, list[str]], total: int,
+                    seed: int) -> list[tuple[str, str, int]]:
+    """~total shuffled (text_a, text_b, is_next) pairs: each chosen snippet is text_a twice,
+    once before the snippet after it (1) and once before a snippet of another file (0)."""
+    rng = np.random.default_rng(seed)
+    paths, counts, other_file = _file_counts(lines, total, rng, lambda n: n - 1)
+    pairs: list[tuple[str, str, int]] = []
+    for a, (path, k) in enumerate(zip(paths, counts)):
+        own = lines[path]
+        for i in sorted(rng.choice(len(own) - 1, k, replace=False)):
+            other = other_file(a)
+            pairs += [(own[i], own[i + 1], 1), (own[i], other[rng.integers(len(other))], 0)]
     return [pairs[i] for i in rng.permutation(len(pairs))]
 
 
@@ -95,6 +127,8 @@ class CodePairs(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("2.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: single lines.",
                      "2.0.0": "Snippets of SNIPPET_LINES lines."}
+    LABELS = ["different_file", "same_file"]
+    MAKE = staticmethod(make_pairs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         # Without TF, Text is returned as bytes and ClassLabel as an int64 scalar.
@@ -105,7 +139,7 @@ class CodePairs(tfds.core.GeneratorBasedBuilder):
                 {
                     "text_a": tfds.features.Text(),
                     "text_b": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=["different_file", "same_file"]),
+                    "label": tfds.features.ClassLabel(names=self.LABELS),
                 }
             ),
             # Like stdlib_source: pairs depend on this interpreter's stdlib (checked in sources).
@@ -118,9 +152,18 @@ class CodePairs(tfds.core.GeneratorBasedBuilder):
         out = {}
         for index, (split, total) in enumerate(TARGET_PAIRS.items()):
             in_split = {p: ls for p, ls in lines.items() if split_of(p) == split}
-            out[split] = self._generate_examples(make_pairs(in_split, total, SEED + index))
+            out[split] = self._generate_examples(self.MAKE(in_split, total, SEED + index))
         return out
 
     def _generate_examples(self, pairs: list[tuple[str, str, int]]) -> Iterator[tuple[int, dict]]:
         for i, (a, b, label) in enumerate(pairs):
             yield i, {"text_a": a, "text_b": b, "label": label}
+
+
+class CodeNext(CodePairs):
+    """Pairs of stdlib code snippets labelled 1 when B is the snippet right after A."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    LABELS = ["other_file", "next"]
+    MAKE = staticmethod(make_next_pairs)
