@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -43,9 +43,11 @@ def state_init(model: nn.Module, tx: optax.GradientTransformation, example: dict
     """Parameters and optimizer state born sharded: eval_shape → shardings → jit(init).
 
     `example` is a batch of the right shapes (`objectives.dummy_batch`). Returns
-    (init: (params=None) -> state, state shardings, abstract state with shardings).
+    (init: (load=None) -> state, state shardings, abstract state with shardings).
     Nothing is allocated until init() is called, so a resume restores without a second
-    copy; init(params) starts from given parameters (fine-tuning) with fresh moments.
+    copy. init(load) is for fine-tuning: it makes fresh parameters only, passes them to
+    `load` (which returns parameters of the same structure), and builds the state from
+    its result with fresh moments, so no second optimizer state ever exists.
     """
     def boxed_params():  # traced, never eager: the mesh's devices may be compile-only
         rng = jax.random.fold_in(jax.random.key(seed), 0x1517)  # the init stream
@@ -70,11 +72,16 @@ def state_init(model: nn.Module, tx: optax.GradientTransformation, example: dict
         return state_from(nn.meta.unbox(boxed_params()))
 
     init_fn = jax.jit(init, out_shardings=state_sh)
-    from_fn = jax.jit(state_from, in_shardings=(param_sh,), out_shardings=state_sh)
+    params_fn = jax.jit(lambda: nn.meta.unbox(boxed_params()), out_shardings=param_sh)
+    from_fn = jax.jit(state_from, in_shardings=(param_sh,), out_shardings=state_sh,
+                      donate_argnums=0)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             jax.eval_shape(init), state_sh)
-    return (lambda params=None: init_fn() if params is None else from_fn(params),
-            state_sh, abstract)
+
+    def build(load: Callable[[Any], Any] | None = None):
+        return init_fn() if load is None else from_fn(load(params_fn()))
+
+    return build, state_sh, abstract
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, example: dict, seed: int,
@@ -213,12 +220,18 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
     start = 0
     restored = ckpt.restore_latest(abstract)
     if restored is None:
-        state = init()
         if t.init_from:  # fine-tuning: matching parameters from the pretrained run
-            params, report = finetune.load_matching(t.init_from, state.params)
-            state = init(params)
+            loaded = {}
+
+            def load(fresh: Any) -> Any:
+                loaded["params"], loaded["report"] = finetune.load_matching(t.init_from, fresh)
+                return loaded.pop("params")
+
+            state = init(load)
             if tr.is_main:
-                print(report, flush=True)
+                print(loaded["report"], flush=True)
+        else:
+            state = init()
     else:
         state, data_state, start = restored
         data_iter.set_state(data_state)

@@ -5,8 +5,9 @@ MLM + NSP, MLM only (B always follows A, no NSP head) and a left-to-right LM (ca
 attention, next-token loss, no NSP). Each is fine-tuned on two pair tasks with the same
 fine-tuning budget: code_pairs ("do these two snippets come from the same file?",
 configs/bert_classify.py) and code_next ("is B the snippet right after A?",
-configs/bert_next.py); a fourth arm fine-tunes from scratch. Prints and writes a Markdown
-table of validation accuracies.
+configs/bert_next.py), at each of --lrs; a fourth arm fine-tunes from scratch. Prints and
+writes a Markdown table: per task the best validation accuracy over the learning rates
+(BERT chose its fine-tuning lr on Dev the same way), and every lr's accuracy.
 
     python experiments/nsp_ablation/run.py [--root runs/nsp_ablation] [--steps 1000]
 
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 
-TASKS = {"code_pairs": "bert_classify", "code_next": "bert_next"}  # task: fine-tuning config
+TASKS = {"code_pairs": "bert_classify", "code_next": "bert_next"}  # task: its config
 ARMS = {
     "MLM + NSP": [],
     "MLM only": ["--config.task.nsp=False"],
@@ -32,22 +33,35 @@ ARMS = {
 
 
 def train(config: str, workdir: str, *overrides: str) -> dict:
-    """Runs (or resumes) one training command; returns its last eval record."""
+    """Runs (or resumes; a finished run only re-reads its metrics) one training command;
+    returns its last eval record."""
     cmd = [sys.executable, "-m", "llm_jax.train", f"--config=configs/{config}.py",
            f"--workdir={workdir}", "--config.train.progress=lines", *overrides]
     print("$", " ".join(cmd[1:]), flush=True)
-    start = time.time()
     subprocess.run(cmd, check=True)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
-    return dict(evals[-1], minutes=(time.time() - start) / 60)
+    return evals[-1]
+
+
+def fine_tune(task: str, workdir: str, lrs: list[str], *overrides: str) -> dict:
+    """One fine-tuning per learning rate; the best validation accuracy and its lr (BERT
+    picked each task's fine-tuning lr on Dev too)."""
+    runs = {lr: train(TASKS[task], os.path.join(workdir, task, f"lr_{lr}"),
+                      f"--config.optim.learning_rate={lr}", *overrides) for lr in lrs}
+    best = max(runs, key=lambda lr: runs[lr]["accuracy"])
+    return {"accuracy": runs[best]["accuracy"], "lr": best,
+            "all": {lr: r["accuracy"] for lr, r in runs.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default="runs/nsp_ablation")
     parser.add_argument("--steps", type=int, default=1000, help="pretraining steps per arm")
+    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="fine-tuning lrs to try")
     args = parser.parse_args()
+    lrs = args.lrs.split(",")
+    start = time.time()
     rows = []
     for arm, overrides in ARMS.items():
         slug = arm.lower().replace(" + ", "_").replace(" ", "_").replace("-", "_")
@@ -55,20 +69,21 @@ def main() -> None:
         pre_eval = train("bert_default", pre, f"--config.train.steps={args.steps}",
                          *overrides)
         causal = [o for o in overrides if "left_to_right" in o]
-        fine = {task: train(config, os.path.join(args.root, slug, task),
-                            f"--config.train.init_from={pre}", *causal)
-                for task, config in TASKS.items()}
+        fine = {task: fine_tune(task, os.path.join(args.root, slug), lrs,
+                                f"--config.train.init_from={pre}", *causal)
+                for task in TASKS}
         rows.append((arm, pre_eval, fine))
     # the same tokenizer as the other arms, and no pretrained parameters
     tokenizer = os.path.join(args.root, "mlm_nsp", "pretrain", "tokenizer.model")
-    scratch = {task: train(config, os.path.join(args.root, "scratch", task),
-                           "--config.train.init_from=",
-                           f"--config.data.tokenizer_path={tokenizer}")
-               for task, config in TASKS.items()}
+    scratch = {task: fine_tune(task, os.path.join(args.root, "scratch"), lrs,
+                               "--config.train.init_from=",
+                               f"--config.data.tokenizer_path={tokenizer}")
+               for task in TASKS}
     rows.append(("no pretraining", None, scratch))
 
-    lines = ["| pretraining | pretrain eval | " + " | ".join(f"{t} accuracy" for t in TASKS)
-             + " | minutes |", "| --- | --- | " + "--- | " * len(TASKS) + "--- |"]
+    lines = ["| pretraining | pretrain eval | "
+             + " | ".join(f"{t}: best (lr), all lrs" for t in TASKS) + " |",
+             "| --- | --- | " + "--- | " * len(TASKS)]
     for arm, pre, fine in rows:
         if pre is None:
             pre_text = "-"
@@ -78,11 +93,12 @@ def main() -> None:
                 pre_text += f"; NSP acc {pre['nsp_accuracy']:.3f}"
         else:
             pre_text = f"LM loss {pre['loss']:.3f}, acc {pre['accuracy']:.3f}"
-        minutes = sum(f["minutes"] for f in fine.values()) + (pre["minutes"] if pre else 0)
-        accs = " | ".join(f"{fine[t]['accuracy']:.4f}" for t in TASKS)
-        lines.append(f"| {arm} | {pre_text} | {accs} | {minutes:.1f} |")
+        cells = [f"**{f['accuracy']:.3f}** ({f['lr']}); "
+                 + ", ".join(f"{a:.3f}" for a in f["all"].values()) for f in fine.values()]
+        lines.append(f"| {arm} | {pre_text} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
+    print(f"{(time.time() - start) / 60:.1f} minutes")
     with open(os.path.join(args.root, "results.md"), "w") as f:
         f.write(table + "\n")
 

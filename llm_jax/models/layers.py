@@ -75,36 +75,28 @@ def init_std(cfg: ModelConfig, residual_out: bool = False) -> float:
     return 0.02 / (2 * cfg.num_layers) ** 0.5 if residual_out else 0.02
 
 
-def _split_minor(a: Array, axis: int, parts: int) -> tuple[Array, int]:
-    """Reshapes `a`'s `axis` into (parts, rest) when it divides; returns the array and how
-    many dims that axis became."""
-    if a.shape[axis] % parts or a.shape[axis] == parts:
-        return a, 1
-    axis %= a.ndim
-    return a.reshape(a.shape[:axis] + (parts, a.shape[axis] // parts) + a.shape[axis + 1:]), 2
+_SPLIT = 16  # parts of a split contraction; 4-256 measured alike on this CPU
 
 
 def _contract(a: Array, b: Array, a_dims: tuple[int, ...], b_dims: tuple[int, ...],
-              split: bool) -> Array:
+              split: str | None = None) -> Array:
     """dot_general over a_dims of `a` and b_dims of `b` (free dims: a's, then b's), in f32.
 
-    With split, a single contracted dim is reshaped into two first (a free reshape of
-    row-major arrays): XLA:CPU runs bf16 dots that contract two dims 2-2.5x faster than
-    the same dot over one long dim (README, Performance).
+    split ("outer" or "inner") first reshapes a single contracted dim n into (16, n/16) or
+    (n/16, 16), a free reshape of row-major arrays: XLA:CPU runs a bf16 dot that contracts
+    two dims 2-2.5x faster than the same dot over one long dim (README, Performance).
+    "inner" keeps a sharded batch dim's shards whole.
     """
     if split and len(a_dims) == 1:
-        parts = _SPLIT
-        a2, na = _split_minor(a, a_dims[0], parts)
-        b2, nb = _split_minor(b, b_dims[0], parts)
-        if na == nb == 2:
-            da, db = a_dims[0] % a.ndim, b_dims[0] % b.ndim
-            return jax.lax.dot_general(a2, b2, (((da, da + 1), (db, db + 1)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+        (da,), (db,) = a_dims, b_dims
+        n = a.shape[da]
+        if n % _SPLIT == 0 and n > _SPLIT:
+            two = (_SPLIT, n // _SPLIT) if split == "outer" else (n // _SPLIT, _SPLIT)
+            a = a.reshape(a.shape[:da] + two + a.shape[da + 1:])
+            b = b.reshape(b.shape[:db] + two + b.shape[db + 1:])
+            a_dims, b_dims = (da, da + 1), (db, db + 1)
     return jax.lax.dot_general(a, b, ((a_dims, b_dims), ((), ())),
                                preferred_element_type=jnp.float32)
-
-
-_SPLIT = 16  # parts of a split contraction; 4-256 measured alike on this CPU
 
 
 def _w_dims(w: Array, n_in: int, w_in_last: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -137,27 +129,23 @@ def _matmul_fwd(x: Array, w: Array, n_in: int, dtype: Any, w_in_last: bool):
                                                jnp.zeros(0, w.dtype))
 
 
-def _matmul_bwd(n_in: int, dtype: Any, w_in_last: bool, res, g: Array):
+def _matmul_grads(n_in: int, dtype: Any, w_in_last: bool, res, g: Array,
+                  cpu: bool) -> tuple[Array, Array]:
+    """(dx, dw); on CPU with split contractions (see `_contract`)."""
     xc, wc, x_like, w_like = res
     g = g.astype(dtype)
-    w_out = _w_dims(wc, n_in, w_in_last)[1]
     n_batch = xc.ndim - n_in
-    g_out = tuple(range(n_batch, g.ndim))
+    # dx: contract the output dims of g and w
+    dx = _contract(g, wc, tuple(range(n_batch, g.ndim)), _w_dims(wc, n_in, w_in_last)[1],
+                   "outer" if cpu else None)
+    # dw: contract the batch dims of x and g, flattened into one
     x2, g2 = xc.reshape((-1,) + xc.shape[n_batch:]), g.reshape((-1,) + g.shape[n_batch:])
+    dw = _contract(*((g2, x2) if w_in_last else (x2, g2)), (0,), (0,), "inner" if cpu else None)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
-    def grads(split: bool) -> tuple[Array, Array]:
-        # dx: contract the output dims of g and w; dw: contract the batch dims of x and g.
-        if len(w_out) == 1:
-            dx = _contract(g, wc, g_out, w_out, split=split)
-        else:  # already two or more contracted dims
-            dx = jax.lax.dot_general(g, wc, ((g_out, w_out), ((), ())),
-                                     preferred_element_type=jnp.float32)
-        if w_in_last:
-            dw = _contract(g2, x2, (0,), (0,), split=split)
-        else:
-            dw = _contract(x2, g2, (0,), (0,), split=split)
-        return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
+def _matmul_bwd(n_in: int, dtype: Any, w_in_last: bool, res, g: Array):
+    grads = functools.partial(_matmul_grads, n_in, dtype, w_in_last, res, g)
     return jax.lax.platform_dependent(cpu=lambda: grads(True), default=lambda: grads(False))
 
 
