@@ -1,6 +1,7 @@
 """The CPU attention (hand-written FlashAttention-style backward) against
 jax.nn.dot_product_attention's XLA implementation: values and gradients, with GQA,
-padding/segment masks and causal masking."""
+padding/segment masks and causal masking. dot_product_attention picks our version only on
+CPU, so these run on CPU (conftest)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,26 @@ def test_cpu_attention_matches_library(causal, heads, kv_heads, masked):
     np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
     got = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v)
     want = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_fully_masked_rows_match_library():
+    """Cross-attention: padding queries whose keys hold no padding see no key at all."""
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.normal(size=(2, 6, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32) for _ in range(2))
+    q_seg = jnp.asarray([[1, 1, 1, 0, 0, 0], [1, 1, 2, 2, 2, 0]])
+    kv_seg = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 2, 2, 2]])
+    mask = segment_mask(q_seg, kv_seg)
+    assert not mask[0, 0, 3:].any()  # the case under test
+    cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    ours = lambda q, k, v: dot_product_attention(q, k, v, mask, False)  # noqa: E731
+    ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, mask=mask, implementation="xla")
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+    got = jax.grad(lambda *a: (ours(*a) * cot).sum(), (0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: (ref(*a) * cot).sum(), (0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import os
 import sysconfig
@@ -122,21 +123,29 @@ def test_code_next_labels_follow_the_files(next_pairs, line_files):
     the split."""
     where, _ = line_files
     root = sysconfig.get_paths()["stdlib"]
-    usable = lambda s: len(s) >= 20 and len(where[s]) == 1  # noqa: E731
+
+    @functools.cache
+    def file_index(rel: str) -> tuple[dict[str, int], list[int]]:
+        """Stripped line -> its first index in the file; first occurrences of usable lines."""
+        with open(os.path.join(root, rel), encoding="utf-8") as f:
+            first: dict[str, int] = {}
+            for i, s in enumerate(ln.strip() for ln in f.read().splitlines()):
+                first.setdefault(s, i)
+        return first, [i for s, i in first.items() if len(s) >= 20 and len(where[s]) == 1]
+
     for split, rows in next_pairs.items():
         for a, b, label in rows[:: 7 if split == "train" else 1]:
             file_a, file_b = _file(a, where), _file(b, where)
             assert _split(file_a) == _split(file_b) == split
             assert label == int(file_a == file_b)
+            # the builder keeps each line's first occurrence in a file
+            first, new_usable = file_index(file_b)
+            first_b = first[b.split("\n")[0]]
+            assert first_b != new_usable[0]  # B is never a file's first snippet, either label
             if label:
-                with open(os.path.join(root, file_a), encoding="utf-8") as f:
-                    stripped = [ln.strip() for ln in f.read().splitlines()]
-                # the builder keeps each line's first occurrence in a file
-                last_a, first_b = (stripped.index(x) for x in (a.split("\n")[-1],
-                                                               b.split("\n")[0]))
+                last_a = first[a.split("\n")[-1]]
                 assert last_a < first_b
-                assert not any(usable(s) and stripped.index(s) == i
-                               for i, s in enumerate(stripped[last_a + 1:first_b], last_a + 1))
+                assert not any(last_a < i < first_b for i in new_usable)
 
 
 def test_code_next_is_balanced_per_text_a(next_pairs):

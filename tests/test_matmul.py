@@ -14,7 +14,17 @@ CASES = {  # name: (x shape, w shape, n_in, w_in_last, reference einsum)
     "heads in": ((4, 32, 3, 16), (3, 16, 64), 2, False, "bthk,hkf->btf"),
     "tied head": ((4, 32, 48), (4096, 48), 1, True, "btd,vd->btv"),
     "odd sizes": ((3, 5, 7), (7, 11), 1, False, "btd,df->btf"),  # nothing divides: no split
+    "one batch dim": ((64, 48), (48, 32), 1, False, "bd,df->bf"),
+    "w_in_last, two in": ((4, 32, 3, 16), (64, 3, 16), 2, True, "bthk,vhk->btv"),
 }
+
+
+def test_bf16_activations_get_bf16_input_grads_and_f32_weight_grads():
+    x = jnp.ones((4, 32, 48), jnp.bfloat16)
+    w = jnp.ones((48, 64), jnp.float32)
+    dx, dw = jax.grad(lambda x, w: matmul(x, w, 1, jnp.bfloat16).sum(), (0, 1))(x, w)
+    assert (dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.float32)
+    np.testing.assert_array_equal(dw, 4 * 32)  # every entry: sum over batch of 1 * 1
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -9,7 +9,8 @@ configs/bert_next.py), at each of --lrs; a fourth arm fine-tunes from scratch. P
 writes a Markdown table: per task the best validation accuracy over the learning rates
 (BERT chose its fine-tuning lr on Dev the same way), and every lr's accuracy.
 
-    python experiments/nsp_ablation/run.py [--root runs/nsp_ablation] [--steps 1000]
+    python experiments/nsp_ablation/run.py [--root runs/nsp_ablation] [--steps 1000] \
+        [--lrs 1e-4,3e-4,1e-3]
 
 Every run is an ordinary `python -m llm_jax.train` command in its own workdir, so a
 rerun skips finished runs and continues interrupted ones.

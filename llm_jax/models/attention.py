@@ -18,7 +18,9 @@ Array = jax.Array
 def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
     """[batch, 1, q, kv] True where query and key lie in the same packed document.
 
-    Padding (segment 0) attends to padding so no row is fully masked (no NaNs).
+    Padding (segment 0) attends to padding, so no self-attention row is fully masked. In
+    cross-attention a padding query may find no padding key; such a row averages V (as
+    jax.nn.dot_product_attention does: no NaNs) and carries no loss weight.
     """
     return (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
 
@@ -30,9 +32,14 @@ def causal_mask(length: int) -> Array:
 
 def _scores(q: Array, k: Array, mask: Array) -> Array:
     """Masked, scaled logits [b, kv_heads, group, q, kv] in f32 (q grouped per kv head)."""
-    b, t, kh, g, d = q.shape
     s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, :, None], s * d ** -0.5, jnp.finfo(jnp.float32).min)
+    return jnp.where(mask[:, :, None], s * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
+
+
+def _probs(s: Array, row_max: Array, row_sum: Array) -> Array:
+    # max and sum kept apart: a fully masked row (s = min everywhere) then averages V, as
+    # jax.nn.dot_product_attention does, where exp(s - logsumexp) would sum it
+    return jnp.exp(s - row_max) / row_sum
 
 
 @jax.custom_vjp
@@ -42,16 +49,17 @@ def _attention_grouped(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 def _attention_fwd(q: Array, k: Array, v: Array, mask: Array):
     s = _scores(q, k, mask)
-    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - lse)
+    row_max = s.max(-1, keepdims=True)
+    row_sum = jnp.exp(s - row_max).sum(-1, keepdims=True)
+    p = _probs(s, row_max, row_sum)
     o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
                    preferred_element_type=jnp.float32).astype(q.dtype)
-    return o, (q, k, v, mask, o, lse)
+    return o, (q, k, v, mask, o, row_max, row_sum)
 
 
 def _attention_bwd(res, do: Array):
-    q, k, v, mask, o, lse = res
-    p = jnp.exp(_scores(q, k, mask) - lse)  # recomputed: O(T²) floats are not kept
+    q, k, v, mask, o, row_max, row_sum = res
+    p = _probs(_scores(q, k, mask), row_max, row_sum)  # recomputed, not kept per layer
     do = do.astype(q.dtype)
     f32, scale = jnp.float32, q.shape[-1] ** -0.5
     dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(q.dtype), do, preferred_element_type=f32)
@@ -59,7 +67,8 @@ def _attention_bwd(res, do: Array):
     # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over head_dim,
     # not over the kv length (FlashAttention's trick; XLA:CPU's T² reduction is slow)
     delta = jnp.einsum("btkgd,btkgd->bkgt", do.astype(f32), o.astype(f32))[..., None]
-    ds = (p * (dp - delta) * scale).astype(q.dtype)
+    # a masked score is a constant: no gradient (matters in fully masked rows)
+    ds = jnp.where(mask[:, :, None], p * (dp - delta) * scale, 0).astype(q.dtype)
     dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=f32)
     dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=f32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
@@ -84,7 +93,6 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
     full = jnp.ones((1, 1, t, k.shape[1]), bool) if mask is None else mask
     if causal:
         full = full & causal_mask(t)
-    full = jnp.broadcast_to(full, (b, 1, t, k.shape[1]))
 
     def grouped() -> Array:
         qg = q.reshape(b, t, k.shape[2], h // k.shape[2], d)

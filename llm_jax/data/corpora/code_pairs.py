@@ -109,7 +109,8 @@ def make_pairs(lines: dict[str, list[str]], total: int, seed: int) -> list[tuple
 def make_next_pairs(lines: dict[str, list[str]], total: int,
                     seed: int) -> list[tuple[str, str, int]]:
     """~total shuffled (text_a, text_b, is_next) pairs: each chosen snippet is text_a twice,
-    once before the snippet after it (1) and once before a snippet of another file (0)."""
+    once before the snippet after it (1) and once before a snippet of another file (0),
+    never that file's first (so where a snippet sits in its file says nothing)."""
     rng = np.random.default_rng(seed)
     paths, counts, other_file = _file_counts(lines, total, rng, lambda n: n - 1)
     pairs: list[tuple[str, str, int]] = []
@@ -117,7 +118,8 @@ def make_next_pairs(lines: dict[str, list[str]], total: int,
         own = lines[path]
         for i in sorted(rng.choice(len(own) - 1, k, replace=False)):
             other = other_file(a)
-            pairs += [(own[i], own[i + 1], 1), (own[i], other[rng.integers(len(other))], 0)]
+            # never another file's first snippet: no positive B is one (position would leak)
+            pairs += [(own[i], own[i + 1], 1), (own[i], other[rng.integers(1, len(other))], 0)]
     return [pairs[i] for i in rng.permutation(len(pairs))]
 
 
@@ -163,7 +165,8 @@ class CodePairs(tfds.core.GeneratorBasedBuilder):
 class CodeNext(CodePairs):
     """Pairs of stdlib code snippets labelled 1 when B is the snippet right after A."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Negatives' B is never a file's first snippet, like positives'."}
     LABELS = ["other_file", "next"]
     MAKE = staticmethod(make_next_pairs)
