@@ -24,7 +24,6 @@ Batch = dict[str, Array]
 Part = tuple[Array, Array, Array]  # per-item loss (nats), per-item hit (0/1), weight
 
 
-
 def next_token_targets(tokens: Array, segment_ids: Array) -> tuple[Array, Array]:
     """Targets shifted left by one and a 0/1 weight of which positions are scored:
     position t predicts t+1 when both lie in the same (non-padding) segment."""
