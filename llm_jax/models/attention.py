@@ -30,10 +30,22 @@ def causal_mask(length: int) -> Array:
     return jnp.tril(jnp.ones((length, length), bool))[None, None]
 
 
-def _scores(q: Array, k: Array, mask: Array) -> Array:
-    """Masked, scaled logits [b, kv_heads, group, q, kv] in f32 (q grouped per kv head)."""
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, :, None], s * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
+def _head(x: Array, i: Array) -> Array:
+    """Head i of x [b, t, heads, d] as [b, t, d]."""
+    return jax.lax.dynamic_index_in_dim(x, i, 2, keepdims=False)
+
+
+def _put(x: Array, y: Array, i: Array) -> Array:
+    """x with head i set to y [b, t, d]."""
+    return jax.lax.dynamic_update_index_in_dim(x, y.astype(x.dtype), i, 2)
+
+
+def _scores(q: Array, k: Array, mask: Array, transposed: bool = False) -> Array:
+    """Masked, scaled logits [b, q, kv] in f32 for one head, or [b, kv, q] transposed
+    (computed as K·Qᵀ, not transposed after: XLA:CPU's transposes are slow)."""
+    s = (jnp.einsum("bsd,btd->bst", k, q, preferred_element_type=jnp.float32) if transposed
+         else jnp.einsum("btd,bsd->bts", q, k, preferred_element_type=jnp.float32))
+    return jnp.where(mask, s * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
 
 
 def _probs(s: Array, row_max: Array, row_sum: Array) -> Array:
@@ -43,39 +55,70 @@ def _probs(s: Array, row_max: Array, row_sum: Array) -> Array:
 
 
 @jax.custom_vjp
-def _attention_grouped(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def _attention_cpu(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Attention for q [b, t, heads, d], k and v [b, s, kv_heads, d] and mask [b or 1, 1,
+    t, s], one head at a time in a loop: XLA:CPU runs the heads' dots 1.5-3x slower side by
+    side (each wants both cores) or batched over heads (their transposes make f32 copies)."""
     return _attention_fwd(q, k, v, mask)[0]
 
 
 def _attention_fwd(q: Array, k: Array, v: Array, mask: Array):
-    s = _scores(q, k, mask)
-    row_max = s.max(-1, keepdims=True)
-    e = jnp.exp(s - row_max)
-    row_sum = e.sum(-1, keepdims=True)
-    p = e / row_sum  # = _probs(s, row_max, row_sum), without a second exp
-    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32).astype(q.dtype)
+    heads, group = q.shape[2], q.shape[2] // k.shape[2]
+    m = mask[:, 0]
+
+    def head(i, carry):
+        o, row_max, row_sum = carry
+        s = _scores(_head(q, i), _head(k, i // group), m)
+        mx = s.max(-1, keepdims=True)
+        e = jnp.exp(s - mx)
+        total = e.sum(-1, keepdims=True)
+        vi = _head(v, i // group)
+        oi = jnp.einsum("bts,bsd->btd", (e / total).astype(vi.dtype), vi,
+                        preferred_element_type=jnp.float32)
+        return _put(o, oi, i), row_max.at[i].set(mx), row_sum.at[i].set(total)
+
+    stats = jnp.zeros((heads,) + q.shape[:2] + (1,), jnp.float32)
+    o, row_max, row_sum = jax.lax.fori_loop(0, heads, head, (jnp.zeros_like(q), stats, stats))
     return o, (q, k, v, mask, o, row_max, row_sum)
 
 
 def _attention_bwd(res, do: Array):
     q, k, v, mask, o, row_max, row_sum = res
-    p = _probs(_scores(q, k, mask), row_max, row_sum)  # recomputed, not kept per layer
-    do = do.astype(q.dtype)
+    heads, group = q.shape[2], q.shape[2] // k.shape[2]
     f32, scale = jnp.float32, q.shape[-1] ** -0.5
-    dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(q.dtype), do, preferred_element_type=f32)
-    dp = jnp.einsum("btkgd,bskd->bkgts", do, v, preferred_element_type=f32)
-    # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over head_dim,
-    # not over the kv length (FlashAttention's trick; XLA:CPU's T² reduction is slow)
-    delta = jnp.einsum("btkgd,btkgd->bkgt", do.astype(f32), o.astype(f32))[..., None]
-    # a masked score is a constant: no gradient (matters in fully masked rows)
-    ds = jnp.where(mask[:, :, None], p * (dp - delta) * scale, 0).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=f32)
-    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=f32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    m = mask[:, 0]
+    m_t = jnp.swapaxes(m, -1, -2)
+    do = do.astype(q.dtype)
+
+    def head(i, carry):
+        dq, dk, dv = carry
+        j = i // group
+        qi, ki, vi, doi = _head(q, i), _head(k, j), _head(v, j), _head(do, i)
+        mx, total = row_max[i], row_sum[i]
+        # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over head_dim,
+        # not over the kv length (FlashAttention's trick; XLA:CPU's T² reduction is slow)
+        delta = jnp.sum(doi.astype(f32) * _head(o, i).astype(f32), -1, keepdims=True)
+        # P and dP, and their transposes (computed, not transposed) for dV = Pᵀ·dO, dK = dSᵀ·Q
+        p = _probs(_scores(qi, ki, m), mx, total)
+        p_t = _probs(_scores(qi, ki, m_t, True), jnp.swapaxes(mx, -1, -2),
+                     jnp.swapaxes(total, -1, -2))
+        dp = jnp.einsum("btd,bsd->bts", doi, vi, preferred_element_type=f32)
+        dp_t = jnp.einsum("bsd,btd->bst", vi, doi, preferred_element_type=f32)
+        # a masked score is a constant: no gradient (matters in fully masked rows)
+        ds = jnp.where(m, p * (dp - delta) * scale, 0).astype(q.dtype)
+        ds_t = jnp.where(m_t, p_t * (dp_t - jnp.swapaxes(delta, -1, -2)) * scale, 0)
+        dqi = jnp.einsum("bts,bsd->btd", ds, ki, preferred_element_type=f32)
+        dki = jnp.einsum("bst,btd->bsd", ds_t.astype(q.dtype), qi, preferred_element_type=f32)
+        dvi = jnp.einsum("bst,btd->bsd", p_t.astype(q.dtype), doi, preferred_element_type=f32)
+        # a group's query heads share k and v: their gradients add up
+        return (_put(dq, dqi, i), _put(dk, _head(dk, j) + dki, j), _put(dv, _head(dv, j) + dvi, j))
+
+    init = (jnp.zeros_like(q), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+    dq, dk, dv = jax.lax.fori_loop(0, heads, head, init)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_attention_grouped.defvjp(_attention_fwd, _attention_bwd)
+_attention_cpu.defvjp(_attention_fwd, _attention_bwd)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, causal: bool,
@@ -90,16 +133,12 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
         q, k, v, mask=mask, is_causal=causal, implementation=implementation)
     if implementation is not None:
         return library()
-    b, t, h, d = q.shape
+    t = q.shape[1]
     full = jnp.ones((1, 1, t, k.shape[1]), bool) if mask is None else mask
     if causal:
         full = full & causal_mask(t)
-
-    def grouped() -> Array:
-        qg = q.reshape(b, t, k.shape[2], h // k.shape[2], d)
-        return _attention_grouped(qg, k, v, full).reshape(b, t, h, d)
-
-    return jax.lax.platform_dependent(cpu=grouped, default=library)
+    return jax.lax.platform_dependent(cpu=lambda: _attention_cpu(q, k, v, full),
+                                      default=library)
 
 
 class DepthwiseConv(nn.Module):
