@@ -7,21 +7,24 @@ A batch is a dict of int32 arrays, rows first. Per family:
   encoder_decoder     inputs, inputs_segment_ids, inputs_positions [B, L_in] and
                       targets, targets_segment_ids, targets_positions [B, L_out]
 Each objective scores one or more parts ("lm", "mlm", "nsp", "cls"); the loss is the sum
-of each part's mean over its weights, as BERT sums its MLM and NSP losses.
+of each part's mean over its weights, as BERT sums its MLM and NSP losses. Decoders and
+encoder-decoders hand their LM head's inputs to `cross_entropy.head_sums` instead of logits.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
+
+from llm_jax import cross_entropy
 
 Array = jax.Array
 Batch = dict[str, Array]
-Part = tuple[Array, Array, Array]  # per-item loss (nats), per-item hit (0/1), weight
+Part = tuple[Array, Array, Array]  # Σ w·loss (nats), Σ w·hit (0/1), Σ w over the items
 
 
 def next_token_targets(tokens: Array, segment_ids: Array) -> tuple[Array, Array]:
@@ -32,12 +35,8 @@ def next_token_targets(tokens: Array, segment_ids: Array) -> tuple[Array, Array]
     return targets, jnp.pad(same, ((0, 0), (0, 1))).astype(jnp.float32)
 
 
-def _scored(logits: Array, labels: Array) -> tuple[Array, Array]:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    # label logit >= max rather than argmax == label: XLA:CPU's argmax over a large vocab
-    # costs ~8% of a step; they differ only on exact float ties
-    label_logit = jnp.take_along_axis(logits, labels[..., None], -1)[..., 0]
-    return loss, (label_logit >= logits.max(-1)).astype(jnp.float32)
+def _part(logits: Array, labels: Array, w: Array) -> Part:
+    return (*cross_entropy.logit_sums(logits, labels, w), jnp.sum(w))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,19 +77,27 @@ class Objective:
         tokens, seg = self.lm_fields()
         return {"lm": next_token_targets(batch[tokens], batch[seg])[1]}
 
-    def parts(self, out: dict[str, Array], batch: Batch) -> dict[str, Part]:
-        """(loss, hit, weight) per scored item for each part."""
+    @property
+    def model_kwargs(self) -> dict[str, bool]:
+        """How the model is applied: decoders return their LM head's inputs, not logits."""
+        return {} if self.family == "encoder" else {"logits": False}
+
+    def parts(self, out: dict[str, Array], batch: Batch, dtype: Any) -> dict[str, Part]:
+        """(Σ w·loss, Σ w·hit, Σ w) for each part; `dtype` is the LM head's compute dtype."""
         w = self.weights(batch)
         if self.name == "mlm":
-            res = {"mlm": (*_scored(out["logits"], batch["mlm_targets"]), w["mlm"])}
+            res = {"mlm": _part(out["logits"], batch["mlm_targets"], w["mlm"])}
             if self.nsp:
-                res["nsp"] = (*_scored(out["nsp_logits"], batch["nsp_label"]), w["nsp"])
+                res["nsp"] = _part(out["nsp_logits"], batch["nsp_label"], w["nsp"])
             return res
         if self.name == "classification":
-            return {"cls": (*_scored(out["cls_logits"], batch["label"]), w["cls"])}
+            return {"cls": _part(out["cls_logits"], batch["label"], w["cls"])}
         tokens, seg = self.lm_fields()
         targets, _ = next_token_targets(batch[tokens], batch[seg])
-        return {"lm": (*_scored(out["logits"], targets), w["lm"])}
+        if "logits" in out:
+            return {"lm": _part(out["logits"], targets, w["lm"])}
+        return {"lm": (*cross_entropy.head_sums(out["hidden"], out["head"], targets, w["lm"],
+                                                dtype), jnp.sum(w["lm"]))}
 
     def scored_tokens(self, batch: Batch) -> Array:
         """The token targets of the "lm" part (for bits per byte)."""

@@ -27,8 +27,8 @@ def forward(model: nn.Module, objective: Objective, params: Any, batch: Batch,
             rng: Array | None, deterministic: bool) -> dict[str, Part]:
     """The model on a batch, scored part by part."""
     out = model.apply({"params": params}, batch, deterministic=deterministic,
-                      rngs=None if deterministic else {"dropout": rng})
-    return objective.parts(out, batch)
+                      rngs=None if deterministic else {"dropout": rng}, **objective.model_kwargs)
+    return objective.parts(out, batch, model.cfg.dtype)
 
 
 def _loss(params: Any, batch: Batch, rng: Array, model: nn.Module, objective: Objective,
@@ -36,10 +36,9 @@ def _loss(params: Any, batch: Batch, rng: Array, model: nn.Module, objective: Ob
     """Σ over parts of (summed loss / the whole batch's weight), and per-part sums."""
     parts = forward(model, objective, params, batch, rng, deterministic)
     loss, sums = jnp.zeros((), jnp.float32), {}
-    for name, (item_loss, hit, w) in parts.items():
-        part_sum = jnp.sum(item_loss * w)
+    for name, (part_sum, hits, _) in parts.items():
         loss = loss + part_sum / jnp.maximum(totals[name], 1.0)
-        sums[f"{name}_loss_sum"], sums[f"{name}_correct"] = part_sum, jnp.sum(hit * w)
+        sums[f"{name}_loss_sum"], sums[f"{name}_correct"] = part_sum, hits
     return loss, sums
 
 
@@ -120,9 +119,10 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module, objective: Objecti
     """Sums for exact corpus-level metrics per part: nats, weight, hits; and for the
     "lm" part the raw bytes its targets spell."""
     out = {}
-    for name, (loss, hit, w) in forward(model, objective, params, batch, None, True).items():
-        out.update({f"{name}_loss_sum": jnp.sum(loss * w), f"{name}_count": jnp.sum(w),
-                    f"{name}_correct": jnp.sum(hit * w)})
+    for name, (loss, hits, count) in forward(model, objective, params, batch, None,
+                                             True).items():
+        out.update({f"{name}_loss_sum": loss, f"{name}_count": count, f"{name}_correct": hits})
         if name == "lm" and objective.name != "span_corruption":  # sentinels spell no text
+            w = objective.weights(batch)["lm"]
             out["bytes"] = jnp.sum(token_bytes[objective.scored_tokens(batch)] * w)
     return out

@@ -190,13 +190,17 @@ def test_objective_batches_fit_the_family(family, objective, ltr):
     batch = objectives.dummy_batch(c, 2, np.random.default_rng(0), V)
     model = build(cfg, family)
     shapes = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
-    parts = jax.eval_shape(lambda p, b: obj.parts(model.apply({"params": p}, b), b),
-                           shapes, batch)
+    parts = jax.jit(lambda p, b: obj.parts(model.apply({"params": p}, b, **obj.model_kwargs),
+                                           b, jnp.float32))(model.init(jax.random.key(0),
+                                                                       batch)["params"], batch)
     assert set(parts) == {"mlm": {"mlm", "nsp"}, "classification": {"cls"}}.get(
         objective, {"lm"})
+    weights = obj.weights(batch)
     for name, (loss, hit, weight) in parts.items():
         want = (2,) if name in ("nsp", "cls") else (2, 6 if family == "encoder_decoder" else 10)
-        assert loss.shape == hit.shape == weight.shape == want, name
+        assert weights[name].shape == want, name
+        assert float(weight) == float(jnp.sum(weights[name])), name
+        assert 0 <= float(hit) <= float(weight) and (float(loss) > 0) == (float(weight) > 0)
 
 
 # 2. bidirectional encoder vs the left-to-right ablation --------------------------

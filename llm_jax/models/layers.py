@@ -223,6 +223,10 @@ class Embed(nn.Module):
         """Logits x · Eᵀ in float32."""
         return matmul(x, self.embedding, 1, self.dtype, w_in_last=True)
 
+    def table(self) -> Array:
+        """The table as an output head [vocab, embed]."""
+        return self.embedding
+
 
 def norm(cfg: ModelConfig, name: str | None = None) -> nn.Module:
     """LayerNorm or RMSNorm; statistics are computed in float32 by Flax."""

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.models.attention import Attention, segment_mask
-from llm_jax.models.layers import Dense, Embed, Mlp, ModelConfig, norm
+from llm_jax.models.layers import Dense, Embed, Mlp, ModelConfig, matmul, norm
 
 Array = jax.Array
 
@@ -96,31 +96,53 @@ def _enter(cfg: ModelConfig, x: Array, deterministic: bool) -> Array:
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-def _lm_logits(cfg: ModelConfig, embed: Embed, x: Array, name: str = "lm_head") -> Array:
-    """Token logits in float32: tied to the input embedding or a separate head."""
-    if cfg.tie_embeddings:
-        logits = embed.attend(x)
-    else:
-        logits = Dense((cfg.vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype,
-                       param_dtype=cfg.param_dtype, out_dtype=jnp.float32, name=name)(x)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+class LMHead(nn.Module):
+    """Untied output head, kernel [embed, vocab]."""
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        self.kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                   ("embed", "vocab")),
+            (self.cfg.d_model, self.cfg.vocab_size), self.cfg.param_dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Logits x · kernel in float32."""
+        return matmul(x, self.kernel, 1, self.cfg.dtype)
+
+    def table(self) -> Array:
+        """The head as [vocab, embed]."""
+        return self.kernel.T
+
+
+def _lm_out(cfg: ModelConfig, embed: Embed, x: Array, logits: bool = True,
+            name: str = "lm_head") -> dict[str, Array]:
+    """{"logits"} in float32 from the input embedding (tied) or a separate head; without
+    logits, the head's inputs {"hidden", "head" [vocab, embed]} for
+    `cross_entropy.head_sums`, which never builds the [batch, length, vocab] logits."""
+    head = embed if cfg.tie_embeddings else LMHead(cfg, name=name)
+    if not logits:
+        return {"hidden": x, "head": head.table()}
+    return {"logits": nn.with_logical_constraint(head.attend(x), ("batch", "length", "vocab"))}
 
 
 class DecoderLM(nn.Module):
     """GPT/LLaMA-style decoder-only LM: {"tokens", "positions", "segment_ids"} ->
-    {"logits"} of the next token (float32)."""
+    {"logits"} of the next token (float32), or with logits=False the head's inputs."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, batch: dict[str, Array], deterministic: bool = True) -> dict[str, Array]:
+    def __call__(self, batch: dict[str, Array], deterministic: bool = True,
+                 logits: bool = True) -> dict[str, Array]:
         cfg, positions, seg = self.cfg, batch["positions"], batch["segment_ids"]
         embed = _embed(cfg)
         x = _enter(cfg, _positions(cfg, embed(batch["tokens"]), positions, "pos_embed"),
                    deterministic)
         x = Stack(cfg, cfg.num_layers, causal=True, deterministic=deterministic,
                   name="decoder")(x, segment_mask(seg, seg), positions)
-        return {"logits": _lm_logits(cfg, embed, norm(cfg, "final_norm")(x))}
+        return _lm_out(cfg, embed, norm(cfg, "final_norm")(x), logits)
 
 
 class Encoder(nn.Module):
@@ -153,7 +175,7 @@ class Encoder(nn.Module):
             h = norm(cfg, "mlm_norm")(nn.gelu(dense(cfg.d_model, "mlm_transform")(x)))
             bias = self.param("mlm_bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
-            out["logits"] = _lm_logits(cfg, embed, h) + bias
+            out["logits"] = _lm_out(cfg, embed, h)["logits"] + bias
         if "nsp" in cfg.heads or "cls" in cfg.heads:
             if cfg.left_to_right:  # only the last real token has seen the whole row
                 last = jnp.maximum(jnp.sum(seg != 0, axis=1) - 1, 0)
@@ -180,9 +202,11 @@ class EncoderDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, batch: dict[str, Array], deterministic: bool = True,
-                 encoded: Array | None = None, encode_only: bool = False) -> dict[str, Array]:
-        """{"logits"} over the targets; with encode_only, {"encoded"}; with `encoded`
-        given, the encoder is not run again (decoding step by step)."""
+                 encoded: Array | None = None, encode_only: bool = False,
+                 logits: bool = True) -> dict[str, Array]:
+        """{"logits"} over the targets (the head's inputs with logits=False); with
+        encode_only, {"encoded"}; with `encoded` given, the encoder is not run again
+        (decoding step by step)."""
         cfg = self.cfg
         embed = _embed(cfg)
         iseg = batch["inputs_segment_ids"]
@@ -201,4 +225,4 @@ class EncoderDecoder(nn.Module):
         y = Stack(cfg, cfg.decoder_depth, causal=True, cross=True,
                   deterministic=deterministic, name="decoder")(
             y, segment_mask(tseg, tseg), pos, encoded, segment_mask(tseg, iseg))
-        return {"logits": _lm_logits(cfg, embed, norm(cfg, "decoder_norm")(y))}
+        return _lm_out(cfg, embed, norm(cfg, "decoder_norm")(y), logits)
