@@ -189,10 +189,9 @@ def test_objective_batches_fit_the_family(family, objective, ltr):
     cfg = ModelConfig.from_config(c.model, V, 10, heads=obj.heads)
     batch = objectives.dummy_batch(c, 2, np.random.default_rng(0), V)
     model = build(cfg, family)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), batch)["params"]
+    params = model.init(jax.random.key(0), batch)["params"]
     parts = jax.jit(lambda p, b: obj.parts(model.apply({"params": p}, b, **obj.model_kwargs),
-                                           b, jnp.float32))(model.init(jax.random.key(0),
-                                                                       batch)["params"], batch)
+                                           b, jnp.float32))(params, batch)
     assert set(parts) == {"mlm": {"mlm", "nsp"}, "classification": {"cls"}}.get(
         objective, {"lm"})
     weights = obj.weights(batch)
