@@ -78,6 +78,11 @@ def load_matching(init_from: str, fresh: Any) -> tuple[Any, str]:
         raise ConfigError(f"config.train.init_from={init_from!r}: parameter shapes disagree "
                           f"({'; '.join(clash[:3])}); use the pretrained run's model and "
                           "tokenizer settings")
+    stacked = lambda keys: any("/layers/" in k for k in keys)  # noqa: E731
+    if stacked(saved) != stacked(ours) and not any(k in saved for k in ours if "layer" in k):
+        there = "stacks its layers (scan_layers=True)" if stacked(saved) else "unrolls them"
+        raise ConfigError(f"config.train.init_from={init_from!r} {there} and this config does "
+                          f"not; set --config.model.scan_layers={str(stacked(saved)).lower()}")
     shared = sorted(k for k in ours if k in saved)
     item = {"params": traverse_util.unflatten_dict(
         {k: jax.ShapeDtypeStruct(ours[k].shape, ours[k].dtype, sharding=ours[k].sharding)

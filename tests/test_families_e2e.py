@@ -84,6 +84,15 @@ def test_init_from_with_other_shapes_stops_with_one_line(bert_run, tmp_path, dat
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
+def test_init_from_with_other_layer_layout_stops_with_one_line(bert_run, tmp_path, data_cfg):  # noqa: F811
+    """A stacked (scanned) checkpoint into an unrolled model would load no layer at all."""
+    r = train("bert_tiny", tmp_path, data_cfg.data_dir, f"--config.train.init_from={bert_run}",
+              "--config.model.scan_layers=false")
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error")]
+    assert len(lines) == 1 and "--config.model.scan_layers=true" in lines[0], r.stderr[-2000:]
+
+
 def test_init_from_a_directory_without_a_run_stops_with_one_line(tmp_path, data_cfg):  # noqa: F811
     r = train("bert_tiny", tmp_path / "w", data_cfg.data_dir,
               f"--config.train.init_from={tmp_path / 'nothing'}")
