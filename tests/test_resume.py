@@ -152,7 +152,7 @@ def test_disk_full_during_a_save_stops_in_one_line_and_keeps_earlier(tmp_path,
                                                                      data_cfg):  # noqa: F811
     small = tmp_path / "small"
     small.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(small)],
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(small)],
                            capture_output=True)
     if mount.returncode:
         pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
@@ -164,7 +164,7 @@ def test_disk_full_during_a_save_stops_in_one_line_and_keeps_earlier(tmp_path,
         assert len(lines) == 1 and "No space left" in lines[0], r.stderr
         assert "Traceback" not in r.stderr
         kept = [s for s in os.listdir(small / "w" / "checkpoints") if s.isdigit()]
-        assert kept  # every earlier checkpoint reads back whole
+        assert kept, r.stderr  # the first fits (~0.5 MB, twice that while written): intact
         for step in kept:
             assert jax_leaves(params(small / "w", int(step)))
     finally:
