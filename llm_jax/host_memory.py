@@ -3,8 +3,10 @@
 XLA:CPU allocates each step's temporaries (hundreds of MB) and outputs afresh. glibc serves
 large blocks with mmap and unmaps them on free, so every step faults all of that memory in
 again, a page at a time: a train step spent ~10% in the kernel, and a matmul writing a new
-25 MB output ran 2.5x slower. One arena that never uses mmap and never trims keeps the
-pages mapped (bench_small without remat: 4,135 -> 5,299 tokens/s; README, Performance).
+25 MB output ran 2.5x slower. Arenas that never use mmap and never trim keep the pages
+mapped (bench_small without remat: 4,135 -> 5,000-5,300 tokens/s; README, Performance).
+Two arenas, not glibc's 8 per core: a thread's own arena could not serve blocks of more than
+64 MB without mmap.
 The cost: the process keeps its peak host memory. Set LLM_JAX_MALLOC=0 to leave glibc's
 defaults. It must run before JAX starts its threads, so `llm_jax/__init__.py` calls it.
 """
