@@ -3,10 +3,10 @@
 XLA:CPU allocates each step's temporaries (hundreds of MB) and outputs afresh. glibc serves
 large blocks with mmap and unmaps them on free, so every step faults all of that memory in
 again, a page at a time: a train step spent ~10% in the kernel, and a matmul writing a new
-25 MB output ran 2.5x slower. Arenas that never use mmap and never trim keep the pages
-mapped (bench_small without remat: 4,135 -> 5,000-5,300 tokens/s; README, Performance).
-Two arenas, not glibc's 8 per core: a thread's own arena could not serve blocks of more than
-64 MB without mmap.
+25 MB output ran 2.5x slower. One arena that never uses mmap and never trims keeps the
+pages mapped (bench_small without remat: 4,100 -> 5,100-5,400 tokens/s; README,
+Performance). One, not glibc's 8 per core: a thread's own arena cannot serve a block over
+64 MB without mmap (with 2 arenas, runs were 4,100 or 5,100 by chance).
 The cost: the process keeps its peak host memory. Set LLM_JAX_MALLOC=0 to leave glibc's
 defaults. It must run before JAX starts its threads, so `llm_jax/__init__.py` calls it.
 """
@@ -33,5 +33,5 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # the largest int: never give the heap's top back to the OS
-    settings = ((_M_ARENA_MAX, 2), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
     return all(mallopt(param, value) == 1 for param, value in settings)
