@@ -1,7 +1,7 @@
 """A small T5 (encoder-decoder, span corruption) pretrained on the embedded stdlib corpus.
 
 Command:  python -m llm_jax.train --config configs/t5_default.py --workdir runs/t5_default
-Runtime:  ~8 min on a 2-core x86 CPU after the one-time corpus and tokenizer preparation.
+Runtime:  ~5 min on a 2-core x86 CPU after the one-time corpus and tokenizer preparation.
 Expected: see README ("Model families") for the measured loss and accuracy.
 Data:     each file is cut into pieces of 284 tokens; 15% of them, in spans of mean length
           3, are replaced by sentinels <extra_id_k> (inputs 256 tokens with eos); the
