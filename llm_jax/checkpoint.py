@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -150,6 +151,13 @@ class Checkpointer:
 
 
 def _short(e: BaseException) -> str:
-    """One line; long messages keep their head and their tail, where the OS error is."""
+    """One line; long messages keep their head and their tail, where the OS error usually
+    is, and the OS error itself when it sits in the middle (a long spec after it)."""
     text = " ".join(str(e).split())
-    return text if len(text) <= 320 else f"{text[:120]} ... {text[-180:]}"
+    if len(text) <= 320:
+        return text
+    tail = text[-180:]
+    os_error = re.search(r"[^:\[]*\[os_error_code='?\d+'?\]", text)
+    if os_error and os_error.group(0) not in tail:
+        tail = f"{os_error.group(0).strip()} ... {tail}"
+    return f"{text[:120]} ... {tail}"

@@ -1,14 +1,17 @@
 """What a user sees on stderr: one-line errors, without library noise around them."""
 from __future__ import annotations
 
-import atexit
+import codecs
 import logging
 import os
+import signal
+import subprocess
 import sys
-import threading
 from typing import TextIO
 
 from absl import logging as absl_logging
+
+_HEADER = "Traceback (most recent call last):"
 
 
 def _closed_loop(line: str) -> bool:
@@ -54,7 +57,7 @@ class _DropClosedLoopTracebacks:
         return len(text)
 
     def _line(self, line: str) -> None:
-        if line.startswith("Traceback (most recent call last):"):
+        if line.startswith(_HEADER):
             self._flush_block()
             self._block = [line]
         elif self._block is not None:
@@ -81,8 +84,10 @@ class _DropClosedLoopTracebacks:
         self._stream.flush()
 
     def flush(self) -> None:
-        # A traceback still open here is another thread's, cut off mid-print: hold it.
-        if self._partial and self._block is None:
+        # A traceback still open here is another thread's, cut off mid-print: hold it, and
+        # a partial line that may be a traceback's first
+        if (self._partial and self._block is None
+                and not _HEADER.startswith(self._partial[:len(_HEADER)])):
             self._stream.write(self._partial)
             self._partial = ""
         self._stream.flush()
@@ -91,50 +96,54 @@ class _DropClosedLoopTracebacks:
         return getattr(self._stream, name)
 
 
+_REAL_FD: int | None = None  # the real stderr, once fd 2 goes through the filter process
+
+
 def error(message: str) -> None:
     """The one line a user sees for a user error, written past any filtering."""
-    sys.__stderr__.write(f"error: {' '.join(message.split())}\n")
+    line = f"error: {' '.join(message.split())}\n"
     sys.__stderr__.flush()
+    if _REAL_FD is None:
+        sys.__stderr__.write(line)
+        sys.__stderr__.flush()
+    else:  # straight to the real stderr: a traceback the filter holds cannot swallow it
+        os.write(_REAL_FD, line.encode(errors="replace"))
+
+
+def _filter_main() -> None:
+    """The filter process: stdin (the parent's fd 2) to stdout (the real stderr) until
+    every writer has gone. It outlives a crashed parent, so its last words still arrive."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the parent decides
+        signal.signal(sig, signal.SIG_IGN)
+    out = _DropClosedLoopTracebacks(open(1, "w", errors="replace", closefd=False))
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    while chunk := os.read(0, 1 << 16):
+        try:
+            out.write(decode(chunk))  # "\r" passes through: progress bars keep redrawing
+            out.flush()
+        except OSError:  # the real stderr is gone: keep reading, or the parent would block
+            pass
+    try:
+        out.close_blocks()
+    except OSError:
+        pass
 
 
 def _filter_fd2() -> None:
     """Pass file descriptor 2 itself through the filter: tensorstore prints the closed-loop
-    tracebacks from C, past sys.stderr. A thread forwards each line to the real stderr;
-    `drain` (at exit, or before os._exit) lets it finish."""
-    global _drain
+    tracebacks from C, past sys.stderr. A small child process does the filtering."""
+    global _REAL_FD
+    try:
+        real = os.dup(2)
+    except OSError:  # no stderr at all
+        return
     read_end, write_end = os.pipe()
-    real = os.dup(2)
+    subprocess.Popen([sys.executable, "-c", "from llm_jax import console; console._filter_main()"],
+                     stdin=read_end, stdout=real, stderr=subprocess.DEVNULL)
+    os.close(read_end)
     os.dup2(write_end, 2)
     os.close(write_end)
-    out = _DropClosedLoopTracebacks(os.fdopen(real, "w", buffering=1))
-
-    def pump() -> None:
-        with os.fdopen(read_end, errors="replace") as pipe:
-            for line in pipe:
-                out.write(line)
-                out.flush()
-        out.close_blocks()
-
-    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
-    thread.start()
-
-    def drain() -> None:
-        sys.stdout.flush()
-        sys.__stderr__.flush()
-        os.dup2(real, 2)  # closes the pipe's last write end: the thread reads to its end
-        thread.join(timeout=5)
-
-    _drain = drain
-    atexit.register(drain)
-
-
-_drain = None
-
-
-def drain() -> None:
-    """Forward what the stderr filter still holds; call before os._exit."""
-    if _drain is not None:
-        _drain()
+    _REAL_FD = real
 
 
 def quiet_libraries() -> None:

@@ -106,7 +106,6 @@ def main(argv: list[str]) -> None:
         if code == EXIT_CHECKPOINT:  # Orbax's failed writer threads would print at shutdown
             sys.stdout.flush()
             sys.stderr.flush()
-            console.drain()
             os._exit(code)
         sys.exit(code)
 

@@ -92,3 +92,32 @@ def test_stderr_filter_holds_a_traceback_cut_off_by_exit():
     f.write("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n")
     f.flush()  # another thread was still printing it when the process decided to exit
     assert out.getvalue() == ""
+
+
+def test_fd2_filter_process_drops_closed_loop_tracebacks_from_c_and_keeps_the_rest():
+    """Writes straight to file descriptor 2 (as C code does) go through the filter process:
+    closed-loop tracebacks, even interleaved, are dropped; a real traceback, carriage-return
+    progress and the one-line error arrive, also after os._exit."""
+    import subprocess
+    import sys
+    code = r"""
+import os
+from llm_jax import console
+console.quiet_libraries()
+noise = ("Traceback (most recent call last):\n"
+         "  File \"base_events.py\", line 806, in call_soon_threadsafe\n"
+         "    self._check_closed()\n")
+os.write(2, noise.encode())
+os.write(2, noise.encode() + b"RuntimeError: Event loop is closed\n")
+os.write(2, b"\r 10%|#\r 20%|##\n")
+os.write(2, b"Traceback (most recent call last):\n  File \"y.py\", line 2\nValueError: bad\n")
+console.error("saving checkpoint 10 failed: Event loop is closed")
+os._exit(4)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    err = r.stderr.decode()  # bytes: text mode would turn "\r" into "\n"
+    assert r.returncode == 4
+    assert "call_soon_threadsafe" not in err and "_check_closed" not in err
+    assert "\r 10%|#\r 20%|##\n" in err
+    assert "Traceback (most recent call last):\n  File \"y.py\", line 2\nValueError: bad\n" in err
+    assert "error: saving checkpoint 10 failed: Event loop is closed\n" in err

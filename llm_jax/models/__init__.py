@@ -1,6 +1,7 @@
 """Model families, all built from the shared parts in layers.py and attention.py.
 
-Every family takes the batch dict and returns a dict of float32 logits (see each class).
+Every family takes the batch dict and returns a dict of float32 logits (see each class);
+decoders and encoder-decoders return their LM head's inputs instead with logits=False.
 """
 from __future__ import annotations
 
