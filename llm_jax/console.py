@@ -97,6 +97,7 @@ class _DropClosedLoopTracebacks:
 
 
 _REAL_FD: int | None = None  # the real stderr, once fd 2 goes through the filter process
+_FILTER: subprocess.Popen | None = None
 
 
 def error(message: str) -> None:
@@ -137,9 +138,14 @@ def _filter_fd2() -> None:
         real = os.dup(2)
     except OSError:  # no stderr at all
         return
+    global _FILTER
     read_end, write_end = os.pipe()
-    subprocess.Popen([sys.executable, "-c", "from llm_jax import console; console._filter_main()"],
-                     stdin=read_end, stdout=real, stderr=subprocess.DEVNULL)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable as here
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p), LLM_JAX_MALLOC="0")
+    _FILTER = subprocess.Popen(
+        [sys.executable, "-c", "from llm_jax import console; console._filter_main()"],
+        stdin=read_end, stdout=real, stderr=subprocess.DEVNULL, env=env)
     os.close(read_end)
     os.dup2(write_end, 2)
     os.close(write_end)
