@@ -133,12 +133,11 @@ def _filter_main() -> None:
 def _filter_fd2() -> None:
     """Pass file descriptor 2 itself through the filter: tensorstore prints the closed-loop
     tracebacks from C, past sys.stderr. A small child process does the filtering."""
-    global _REAL_FD
+    global _REAL_FD, _FILTER
     try:
         real = os.dup(2)
     except OSError:  # no stderr at all
         return
-    global _FILTER
     read_end, write_end = os.pipe()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable as here
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -156,5 +155,6 @@ def quiet_libraries() -> None:
     """Warnings and errors only from absl users (Orbax, TFDS log each file at INFO)."""
     absl_logging.set_verbosity(absl_logging.WARNING)
     absl_logging.get_absl_handler().addFilter(_LibraryNoise())
-    sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
     _filter_fd2()
+    if _REAL_FD is None:  # fd 2 is not filtered: filter at least what Python writes
+        sys.stderr = _DropClosedLoopTracebacks(sys.stderr)

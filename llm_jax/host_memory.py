@@ -13,7 +13,6 @@ defaults. It must run before JAX starts its threads, so `llm_jax/__init__.py` ca
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -25,10 +24,8 @@ def keep_freed_memory() -> bool:
     """Apply the settings on Linux with glibc; True if they were applied."""
     if os.environ.get("LLM_JAX_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError, TypeError):  # not glibc (e.g. musl): leave it be
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -94,10 +94,9 @@ class Objective:
             return {"cls": _part(out["cls_logits"], batch["label"], w["cls"])}
         tokens, seg = self.lm_fields()
         targets, _ = next_token_targets(batch[tokens], batch[seg])
-        if "logits" in out:
-            return {"lm": _part(out["logits"], targets, w["lm"])}
-        return {"lm": (*cross_entropy.head_sums(out["hidden"], out["head"], targets, w["lm"],
-                                                dtype), jnp.sum(w["lm"]))}
+        sums = (cross_entropy.logit_sums(out["logits"], targets, w["lm"]) if "logits" in out
+                else cross_entropy.head_sums(out["hidden"], out["head"], targets, w["lm"], dtype))
+        return {"lm": (*sums, jnp.sum(w["lm"]))}
 
     def scored_tokens(self, batch: Batch) -> Array:
         """The token targets of the "lm" part (for bits per byte)."""

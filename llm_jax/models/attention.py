@@ -68,11 +68,12 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array):
 
     def head(i, carry):
         o, row_max, row_sum = carry
-        s = _scores(_head(q, i), _head(k, i // group), m)
+        j = i // group
+        s = _scores(_head(q, i), _head(k, j), m)
         mx = s.max(-1, keepdims=True)
         e = jnp.exp(s - mx)
         total = e.sum(-1, keepdims=True)
-        vi = _head(v, i // group)
+        vi = _head(v, j)
         oi = jnp.einsum("bts,bsd->btd", (e / total).astype(vi.dtype), vi,
                         preferred_element_type=jnp.float32)
         return _put(o, oi, i), row_max.at[i].set(mx), row_sum.at[i].set(total)
