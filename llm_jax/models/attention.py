@@ -6,6 +6,8 @@ a FlashAttention-style backward, which XLA:CPU runs faster (README, Performance)
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,63 +56,90 @@ def _probs(s: Array, row_max: Array, row_sum: Array) -> Array:
     return jnp.exp(s - row_max) / row_sum
 
 
-@jax.custom_vjp
-def _attention_cpu(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def _spans(t: int, s: int, blocks: int) -> list[tuple[int, int, int]]:
+    """(first query, end query, end key) of each query block: with `blocks` > 1 (causal,
+    t == s) block r sees only keys before its end, skipping the masked upper triangle."""
+    if blocks == 1:
+        return [(0, t, s)]
+    c = t // blocks
+    return [(r * c, (r + 1) * c, (r + 1) * c) for r in range(blocks)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_cpu(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1) -> Array:
     """Attention for q [b, t, heads, d], k and v [b, s, kv_heads, d] and mask [b or 1, 1,
     t, s], one head at a time in a loop: XLA:CPU runs the heads' dots 1.5-3x slower side by
-    side (each wants both cores) or batched over heads (their transposes make f32 copies)."""
-    return _attention_fwd(q, k, v, mask)[0]
+    side (each wants both cores) or batched over heads (their transposes make f32 copies).
+    With `blocks` > 1 (causal only) query block r attends to keys of blocks 0..r only."""
+    return _attention_fwd(q, k, v, mask, blocks)[0]
 
 
-def _attention_fwd(q: Array, k: Array, v: Array, mask: Array):
+def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
     heads, group = q.shape[2], q.shape[2] // k.shape[2]
     m = mask[:, 0]
+    spans = _spans(q.shape[1], k.shape[1], blocks)
 
     def head(i, carry):
         o, row_max, row_sum = carry
         j = i // group
-        s = _scores(_head(q, i), _head(k, j), m)
-        mx = s.max(-1, keepdims=True)
-        e = jnp.exp(s - mx)
-        total = e.sum(-1, keepdims=True)
-        vi = _head(v, j)
-        oi = jnp.einsum("bts,bsd->btd", (e / total).astype(vi.dtype), vi,
-                        preferred_element_type=jnp.float32)
-        return _put(o, oi, i), row_max.at[i].set(mx), row_sum.at[i].set(total)
+        qi, ki, vi = _head(q, i), _head(k, j), _head(v, j)
+        outs, mxs, totals = [], [], []
+        for lo, hi, end in spans:
+            s = _scores(qi[:, lo:hi], ki[:, :end], m[:, lo:hi, :end])
+            mx = s.max(-1, keepdims=True)
+            e = jnp.exp(s - mx)
+            total = e.sum(-1, keepdims=True)
+            outs.append(jnp.einsum("bts,bsd->btd", (e / total).astype(vi.dtype), vi[:, :end],
+                                   preferred_element_type=jnp.float32))
+            mxs.append(mx)
+            totals.append(total)
+        cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, 1)  # noqa: E731
+        return (_put(o, cat(outs), i), row_max.at[i].set(cat(mxs)),
+                row_sum.at[i].set(cat(totals)))
 
     stats = jnp.zeros((heads,) + q.shape[:2] + (1,), jnp.float32)
     o, row_max, row_sum = jax.lax.fori_loop(0, heads, head, (jnp.zeros_like(q), stats, stats))
     return o, (q, k, v, mask, o, row_max, row_sum)
 
 
-def _attention_bwd(res, do: Array):
+def _attention_bwd(blocks: int, res, do: Array):
     q, k, v, mask, o, row_max, row_sum = res
     heads, group = q.shape[2], q.shape[2] // k.shape[2]
     f32, scale = jnp.float32, q.shape[-1] ** -0.5
     m = mask[:, 0]
     m_t = jnp.swapaxes(m, -1, -2)
     do = do.astype(q.dtype)
+    spans = _spans(q.shape[1], k.shape[1], blocks)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, k.shape[1] - x.shape[1]), (0, 0)))  # noqa: E731
 
     def head(i, carry):
         dq, dk, dv = carry
         j = i // group
-        qi, ki, vi, doi = _head(q, i), _head(k, j), _head(v, j), _head(do, i)
-        mx, total = row_max[i], row_sum[i]
-        # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over head_dim,
-        # not over the kv length (FlashAttention's trick; XLA:CPU's T² reduction is slow)
-        delta = jnp.sum(doi.astype(f32) * _head(o, i).astype(f32), -1, keepdims=True)
-        # P and dP, and their transposes (computed, not transposed) for dV = Pᵀ·dO, dK = dSᵀ·Q
-        p = _probs(_scores(qi, ki, m), mx, total)
-        p_t = _probs(_scores(qi, ki, m_t, True), jnp.swapaxes(mx, -1, -2),
-                     jnp.swapaxes(total, -1, -2))
-        dp = jnp.einsum("btd,bsd->bts", doi, vi, preferred_element_type=f32)
-        dp_t = jnp.einsum("bsd,btd->bst", vi, doi, preferred_element_type=f32)
-        # a masked score is a constant: no gradient (matters in fully masked rows)
-        ds = jnp.where(m, p * (dp - delta) * scale, 0).astype(q.dtype)
-        ds_t = jnp.where(m_t, p_t * (dp_t - jnp.swapaxes(delta, -1, -2)) * scale, 0)
-        dqi = jnp.einsum("bts,bsd->btd", ds, ki, preferred_element_type=f32)
-        dki = jnp.einsum("bst,btd->bsd", ds_t.astype(q.dtype), qi, preferred_element_type=f32)
-        dvi = jnp.einsum("bst,btd->bsd", p_t.astype(q.dtype), doi, preferred_element_type=f32)
+        qi, ki, vi, doi, oi = _head(q, i), _head(k, j), _head(v, j), _head(do, i), _head(o, i)
+        dqs, dki, dvi = [], 0, 0
+        for lo, hi, end in spans:
+            qb, kb, vb, dob = qi[:, lo:hi], ki[:, :end], vi[:, :end], doi[:, lo:hi]
+            mx, total = row_max[i][:, lo:hi], row_sum[i][:, lo:hi]
+            mb, mb_t = m[:, lo:hi, :end], m_t[:, :end, lo:hi]
+            # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over
+            # head_dim, not the kv length (FlashAttention's trick; XLA:CPU's is slow)
+            delta = jnp.sum(dob.astype(f32) * oi[:, lo:hi].astype(f32), -1, keepdims=True)
+            # P and dP, and their transposes (computed, not transposed) for dV = Pᵀ·dO and
+            # dK = dSᵀ·Q
+            p = _probs(_scores(qb, kb, mb), mx, total)
+            p_t = _probs(_scores(qb, kb, mb_t, True), jnp.swapaxes(mx, -1, -2),
+                         jnp.swapaxes(total, -1, -2))
+            dp = jnp.einsum("btd,bsd->bts", dob, vb, preferred_element_type=f32)
+            dp_t = jnp.einsum("bsd,btd->bst", vb, dob, preferred_element_type=f32)
+            # a masked score is a constant: no gradient (matters in fully masked rows)
+            ds = jnp.where(mb, p * (dp - delta) * scale, 0).astype(q.dtype)
+            ds_t = jnp.where(mb_t, p_t * (dp_t - jnp.swapaxes(delta, -1, -2)) * scale, 0)
+            dqs.append(jnp.einsum("bts,bsd->btd", ds, kb, preferred_element_type=f32))
+            dki = dki + pad(jnp.einsum("bst,btd->bsd", ds_t.astype(q.dtype), qb,
+                                       preferred_element_type=f32))
+            dvi = dvi + pad(jnp.einsum("bst,btd->bsd", p_t.astype(q.dtype), dob,
+                                       preferred_element_type=f32))
+        dqi = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, 1)
         # a group's query heads share k and v: their gradients add up
         return (_put(dq, dqi, i), _put(dk, _head(dk, j) + dki, j), _put(dv, _head(dv, j) + dvi, j))
 
@@ -136,10 +165,18 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
         return library()
     t = q.shape[1]
     full = jnp.ones((1, 1, t, k.shape[1]), bool) if mask is None else mask
+    blocks = 1
     if causal:
         full = full & causal_mask(t)
-    return jax.lax.platform_dependent(cpu=lambda: _attention_cpu(q, k, v, full),
+        blocks = causal_blocks(t) if t == k.shape[1] else 1
+    return jax.lax.platform_dependent(cpu=lambda: _attention_cpu(q, k, v, full, blocks),
                                       default=library)
+
+
+def causal_blocks(t: int) -> int:
+    """Query blocks for causal CPU attention over t positions: 4 or 2 blocks of at least 64
+    (fewer, smaller dots cost more than the skipped upper triangle saves), else 1."""
+    return next((n for n in (4, 2) if t % n == 0 and t // n >= 64), 1)
 
 
 class DepthwiseConv(nn.Module):
