@@ -16,6 +16,9 @@ CASES = {  # name: (x shape, w shape, n_in, w_in_last, reference einsum)
     "odd sizes": ((3, 5, 7), (7, 11), 1, False, "btd,df->btf"),  # nothing divides: no split
     "one batch dim": ((64, 48), (48, 32), 1, False, "bd,df->bf"),
     "w_in_last, two in": ((4, 32, 3, 16), (64, 3, 16), 2, True, "bthk,vhk->btv"),
+    # wider input than output: the CPU path contracts the other way round and transposes dw
+    "mlp out": ((4, 32, 64), (64, 16), 1, False, "btf,fd->btd"),
+    "heads in, wide": ((4, 32, 4, 16), (4, 16, 32), 2, False, "bthk,hkf->btf"),
 }
 
 

@@ -140,7 +140,15 @@ def _matmul_grads(n_in: int, dtype: Any, w_in_last: bool, res, g: Array,
                    "outer" if cpu else None)
     # dw: contract the batch dims of x and g, flattened into one
     x2, g2 = xc.reshape((-1,) + xc.shape[n_batch:]), g.reshape((-1,) + g.shape[n_batch:])
-    dw = _contract(*((g2, x2) if w_in_last else (x2, g2)), (0,), (0,), "inner" if cpu else None)
+    first, second = (g2, x2) if w_in_last else (x2, g2)
+    if cpu and first[0].size > second[0].size:
+        # XLA:CPU copies the first operand transposed: make that the smaller one, then
+        # transpose the (weight-sized) result; the barrier keeps XLA from folding it back
+        dw = jax.lax.optimization_barrier(_contract(second, first, (0,), (0,), "inner"))
+        ns = second.ndim - 1
+        dw = dw.transpose(tuple(range(ns, dw.ndim)) + tuple(range(ns)))
+    else:
+        dw = _contract(first, second, (0,), (0,), "inner" if cpu else None)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
