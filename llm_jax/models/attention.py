@@ -32,14 +32,24 @@ def causal_mask(length: int) -> Array:
     return jnp.tril(jnp.ones((length, length), bool))[None, None]
 
 
-def _head(x: Array, i: Array) -> Array:
-    """Head i of x [b, t, heads, d] as [b, t, d]."""
-    return jax.lax.dynamic_index_in_dim(x, i, 2, keepdims=False)
+def _bits(x: Array) -> Array:
+    """16-bit floats as uint16 for the head loop: XLA:CPU has no bf16 dynamic slices, so
+    it would convert the whole array to f32 for each one and hoist that out of the loop."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
 
 
-def _put(x: Array, y: Array, i: Array) -> Array:
-    """x with head i set to y [b, t, d]."""
-    return jax.lax.dynamic_update_index_in_dim(x, y.astype(x.dtype), i, 2)
+def _float(x: Array, dtype: jnp.dtype) -> Array:
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
+def _head(x: Array, i: Array, dtype: jnp.dtype) -> Array:
+    """Head i of x [b, t, heads, d] (see `_bits`) as [b, t, d] in dtype."""
+    return _float(jax.lax.dynamic_index_in_dim(x, i, 2, keepdims=False), dtype)
+
+
+def _put(x: Array, y: Array, i: Array, dtype: jnp.dtype) -> Array:
+    """x (see `_bits`) with head i set to y [b, t, d] in dtype."""
+    return jax.lax.dynamic_update_index_in_dim(x, _bits(y.astype(dtype)), i, 2)
 
 
 def _scores(q: Array, k: Array, mask: Array, transposed: bool = False) -> Array:
@@ -82,7 +92,7 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
     def head(i, carry):
         o, row_max, row_sum = carry
         j = i // group
-        qi, ki, vi = _head(q, i), _head(k, j), _head(v, j)
+        qi, ki, vi = _head(qs, i, q.dtype), _head(ks, j, k.dtype), _head(vs, j, v.dtype)
         outs, mxs, totals = [], [], []
         for lo, hi, end in spans:
             s = _scores(qi[:, lo:hi], ki[:, :end], m[:, lo:hi, :end])
@@ -94,11 +104,14 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
             mxs.append(mx)
             totals.append(total)
         cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, 1)  # noqa: E731
-        return (_put(o, cat(outs), i), row_max.at[i].set(cat(mxs)),
+        return (_put(o, cat(outs), i, q.dtype), row_max.at[i].set(cat(mxs)),
                 row_sum.at[i].set(cat(totals)))
 
     stats = jnp.zeros((heads,) + q.shape[:2] + (1,), jnp.float32)
-    o, row_max, row_sum = jax.lax.fori_loop(0, heads, head, (jnp.zeros_like(q), stats, stats))
+    qs, ks, vs = _bits(q), _bits(k), _bits(v)
+    o, row_max, row_sum = jax.lax.fori_loop(0, heads, head, (_bits(jnp.zeros_like(q)), stats,
+                                                             stats))
+    o = _float(o, q.dtype)
     return o, (q, k, v, mask, o, row_max, row_sum)
 
 
@@ -110,20 +123,18 @@ def _attention_bwd(blocks: int, res, do: Array):
     m_t = jnp.swapaxes(m, -1, -2)
     do = do.astype(q.dtype)
     spans = _spans(q.shape[1], k.shape[1], blocks)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, k.shape[1] - x.shape[1]), (0, 0)))  # noqa: E731
 
     def head(i, carry):
         dq, dk, dv = carry
         j = i // group
-        qi, ki, vi, doi, oi = _head(q, i), _head(k, j), _head(v, j), _head(do, i), _head(o, i)
-        dqs, dki, dvi = [], 0, 0
+        qi, ki, vi = _head(qs, i, q.dtype), _head(ks, j, k.dtype), _head(vs, j, v.dtype)
+        doi, deltai = _head(dos, i, q.dtype), _head(delta, i, f32)
+        dqs, dki, dvi = [], jnp.zeros(ki.shape, f32), jnp.zeros(vi.shape, f32)
         for lo, hi, end in spans:
             qb, kb, vb, dob = qi[:, lo:hi], ki[:, :end], vi[:, :end], doi[:, lo:hi]
             mx, total = row_max[i][:, lo:hi], row_sum[i][:, lo:hi]
             mb, mb_t = m[:, lo:hi, :end], m_t[:, :end, lo:hi]
-            # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over
-            # head_dim, not the kv length (FlashAttention's trick; XLA:CPU's is slow)
-            delta = jnp.sum(dob.astype(f32) * oi[:, lo:hi].astype(f32), -1, keepdims=True)
+            delta_b = deltai[:, lo:hi]
             # P and dP, and their transposes (computed, not transposed) for dV = Pᵀ·dO and
             # dK = dSᵀ·Q
             p = _probs(_scores(qb, kb, mb), mx, total)
@@ -132,20 +143,27 @@ def _attention_bwd(blocks: int, res, do: Array):
             dp = jnp.einsum("btd,bsd->bts", dob, vb, preferred_element_type=f32)
             dp_t = jnp.einsum("bsd,btd->bst", vb, dob, preferred_element_type=f32)
             # a masked score is a constant: no gradient (matters in fully masked rows)
-            ds = jnp.where(mb, p * (dp - delta) * scale, 0).astype(q.dtype)
-            ds_t = jnp.where(mb_t, p_t * (dp_t - jnp.swapaxes(delta, -1, -2)) * scale, 0)
+            ds = jnp.where(mb, p * (dp - delta_b) * scale, 0).astype(q.dtype)
+            ds_t = jnp.where(mb_t, p_t * (dp_t - jnp.swapaxes(delta_b, -1, -2)) * scale, 0)
             dqs.append(jnp.einsum("bts,bsd->btd", ds, kb, preferred_element_type=f32))
-            dki = dki + pad(jnp.einsum("bst,btd->bsd", ds_t.astype(q.dtype), qb,
-                                       preferred_element_type=f32))
-            dvi = dvi + pad(jnp.einsum("bst,btd->bsd", p_t.astype(q.dtype), dob,
-                                       preferred_element_type=f32))
+            dki = dki.at[:, :end].add(jnp.einsum("bst,btd->bsd", ds_t.astype(q.dtype), qb,
+                                                 preferred_element_type=f32))
+            dvi = dvi.at[:, :end].add(jnp.einsum("bst,btd->bsd", p_t.astype(q.dtype), dob,
+                                                 preferred_element_type=f32))
         dqi = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, 1)
-        # a group's query heads share k and v: their gradients add up
-        return (_put(dq, dqi, i), _put(dk, _head(dk, j) + dki, j), _put(dv, _head(dv, j) + dvi, j))
+        if group > 1:  # a group's query heads share k and v: their gradients add up
+            dki, dvi = _head(dk, j, acc) + dki, _head(dv, j, acc) + dvi
+        return _put(dq, dqi, i, q.dtype), _put(dk, dki, j, acc), _put(dv, dvi, j, acc)
 
-    init = (jnp.zeros_like(q), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+    # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over head_dim,
+    # not over the kv length (FlashAttention's trick; XLA:CPU's is slow), for all heads
+    delta = jnp.sum(do.astype(f32) * o.astype(f32), -1)[..., None]  # [b, t, heads, 1]
+    acc = f32 if group > 1 else k.dtype  # sums over a group's heads stay in f32
+    qs, ks, vs, dos = _bits(q), _bits(k), _bits(v), _bits(do)
+    init = tuple(_bits(jnp.zeros(x.shape, d)) for x, d in ((q, q.dtype), (k, acc), (v, acc)))
     dq, dk, dv = jax.lax.fori_loop(0, heads, head, init)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+    return _float(dq, q.dtype), _float(dk, acc).astype(k.dtype), _float(dv, acc).astype(
+        v.dtype), None
 
 
 _attention_cpu.defvjp(_attention_fwd, _attention_bwd)
