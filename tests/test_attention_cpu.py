@@ -84,3 +84,19 @@ def test_cpu_attention_bf16_close_to_f32():
     bf = dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), None, True)
     assert bf.dtype == jnp.bfloat16
     np.testing.assert_allclose(bf.astype(jnp.float32), f32, atol=3e-2)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cpu_attention_bf16_grads_close_to_f32(kv_heads):
+    """bf16 inputs take the uint16 head-slice path (and bf16 dK, dV without GQA)."""
+    rng = np.random.default_rng(kv_heads)
+    q = jnp.asarray(rng.normal(size=(2, 128, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 128, kv_heads, 8)), jnp.float32) for _ in range(2))
+    cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    loss = lambda *a: (dot_product_attention(*a, None, True).astype(jnp.float32) * cot).sum()  # noqa: E731
+    want = jax.grad(loss, (0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss, (0, 1, 2)))(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        scale = float(jnp.abs(w).max())
+        np.testing.assert_allclose(g.astype(jnp.float32) / scale, w / scale, atol=3e-2)
