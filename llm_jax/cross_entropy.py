@@ -90,13 +90,15 @@ def _chunked_fwd(x: Array, head: Array, y: Array, w: Array, dtype: Any):
         loss, hit, dlogits = _chunk_stats(xc, wb, xs[1], xs[2])
         dlogits = dlogits.astype(dtype)
         dx = _contract(dlogits, wb, (1,), (0,), "outer").astype(x.dtype)
-        dhead = acc[2] + _contract(dlogits, xc, (0,), (0,), "inner")
-        return (acc[0] + loss, acc[1] + hit, dhead), dx
+        # headᵀ's gradient [embed, vocab]: XLA:CPU copies a dot's first operand transposed,
+        # and the chunk [chunk, embed] is 16x smaller than its logits; one transpose at the end
+        dhead_t = acc[2] + _contract(xc, dlogits, (0,), (0,), "inner")
+        return (acc[0] + loss, acc[1] + hit, dhead_t), dx
 
     zero = jnp.zeros((), jnp.float32)
-    (loss, hit, dhead), dx = jax.lax.scan(
-        body, (zero, zero, jnp.zeros(head.shape, jnp.float32)), (x, y, w))
-    return (loss, hit), (dx, dhead.astype(head.dtype))
+    (loss, hit, dhead_t), dx = jax.lax.scan(
+        body, (zero, zero, jnp.zeros(head.shape[::-1], jnp.float32)), (x, y, w))
+    return (loss, hit), (dx, dhead_t.T.astype(head.dtype))
 
 
 def _chunked_bwd(dtype: Any, res, g):
