@@ -1,4 +1,4 @@
-"""python -m llm_jax.benchmark --config configs/NAME.py [--steps N] [--json OUT] [--no_pipeline]
+"""python -m llm_jax.benchmark --config configs/NAME.py [--steps N] [--json OUT] [--nopipeline]
 
 Times the real train step (model, optimizer, shardings, donation) and eval step on
 synthetic tokens of the configured shapes, and the input pipeline alone.
@@ -6,6 +6,7 @@ synthetic tokens of the configured shapes, and the input pipeline alone.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -17,6 +18,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after warm-up.")
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 2, "Untimed steps after the first (3 untimed in all, as in "
+    "benchmarks/torch_reference.py): the first steps after compiling run slower.")
 _JSON = flags.DEFINE_string("json", None, "Write the results as one JSON object here.")
 _PIPELINE = flags.DEFINE_bool("pipeline", True, "Also time the input pipeline alone.")
 
@@ -25,13 +29,17 @@ def peak_host_mem_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(fn, args_fn, steps: int) -> tuple[float, list[float], object]:
-    """First-call seconds, per-step seconds for `steps` more calls, and the last output."""
+def time_steps(fn, args_fn, steps: int, warmup: int = 0) -> tuple[float, list[float], object]:
+    """First-call seconds, per-step seconds for `steps` calls after `warmup` more untimed
+    ones, and the last output."""
     import jax
     start = time.perf_counter()
     out = fn(*args_fn(None))
     jax.block_until_ready(out)
     first = time.perf_counter() - start
+    for _ in range(warmup):
+        out = fn(*args_fn(out))
+    jax.block_until_ready(out)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -41,7 +49,7 @@ def time_steps(fn, args_fn, steps: int) -> tuple[float, list[float], object]:
     return first, times, out
 
 
-def benchmark(config, steps: int, pipeline: bool) -> dict:
+def benchmark(config, steps: int, pipeline: bool, warmup: int = 2) -> dict:
     import flax.linen as nn
     import jax
     import numpy as np
@@ -55,7 +63,7 @@ def benchmark(config, steps: int, pipeline: bool) -> dict:
                                                   cfg.vocab_size), batch_sh)
     res: dict = {"config": config.model.to_dict(), "devices": jax.device_count(),
                  "device_kind": jax.devices()[0].device_kind, "batch_size": t.batch_size,
-                 "seq_len": seq}
+                 "seq_len": seq, "steps": steps, "warmup_steps": warmup}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         start = time.perf_counter()
         state, state_sh, _ = trainer.init_state(model, tx, tr.example, t.seed, mesh, rules)
@@ -69,12 +77,13 @@ def benchmark(config, steps: int, pipeline: bool) -> dict:
                 holder["state"] = out[0]
             return holder["state"], batch
 
-        first, times, last = time_steps(compiled, train_args, steps)
+        first, times, last = time_steps(compiled, train_args, steps, warmup)
         train_args(last)
         res["first_step_s"] = res["compile_s"] + first
         eval_fn = trainer.jit_eval_step(model, tr.objective, np.ones(cfg.vocab_size),
                                         state_sh.params, batch_sh)
-        _, eval_times, _ = time_steps(eval_fn, lambda _: (holder["state"].params, batch), steps)
+        _, eval_times, _ = time_steps(eval_fn, lambda _: (holder["state"].params, batch), steps,
+                                      warmup)
     tokens_per_step = tr.tokens_per_step
     med = statistics.median(times)
     flops = tr.flops_per_token()
@@ -132,14 +141,16 @@ def main(argv: list[str]) -> None:
     del argv
     from llm_jax.config import ConfigError
     try:
-        res = benchmark(_CONFIG.value, _STEPS.value, _PIPELINE.value)
+        res = benchmark(_CONFIG.value, _STEPS.value, _PIPELINE.value, _WARMUP.value)
     except ConfigError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     print(format_table(res))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if _JSON.value:  # whole or not at all: written aside, then renamed
+        tmp = f"{_JSON.value}.tmp"
+        with open(tmp, "w") as f:
             json.dump(res, f, indent=2, default=str)
+        os.replace(tmp, _JSON.value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,26 @@
+"""`python -m llm_jax.benchmark` as a user runs it: the table, and the JSON it promises."""
+import json
+import subprocess
+import sys
+
+
+def test_benchmark_cli_writes_consistent_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "llm_jax.benchmark", "--config", "configs/tiny.py", "--steps", "3",
+         "--warmup", "1", "--nopipeline", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "MFU" in r.stdout and "train tokens/s (median)" in r.stdout
+    res = json.loads(out.read_text())
+    for key in ("tokens_per_sec", "mfu", "step_time_median_s", "compile_s", "peak_host_mem_mb"):
+        assert res[key] > 0, key
+    assert (res["steps"], res["warmup_steps"]) == (3, 1)
+    tokens_per_step = res["batch_size"] * res["seq_len"]
+    step_tokens = res["tokens_per_sec"] * res["step_time_median_s"]
+    assert abs(step_tokens - tokens_per_step) < 1e-6 * tokens_per_step
+    # MFU = tokens/s x model FLOPs per token / peak (tiny.py gives its peak: 1e11)
+    assert res["peak_flops"] == 1e11 and res["peak_source"] == "config"
+    assert abs(res["mfu"] - res["tokens_per_sec"] * res["model_flops_per_token"] / 1e11) < 1e-9
+    assert res["step_time_min_s"] <= res["step_time_median_s"] <= res["step_time_max_s"]
+    assert not (tmp_path / "bench.json.tmp").exists()
