@@ -72,7 +72,7 @@ def flops_per_token(cfg: ModelConfig, family: str, seq_len: int, target_len: int
     return 3 * forward if training else forward
 
 
-def measure_cpu_peak(dtype: Any = jnp.bfloat16, n: int = 2048, repeats: int = 5) -> float:
+def measure_cpu_peak(dtype: Any = jnp.bfloat16, n: int = 2048, repeats: int = 20) -> float:
     """Best FLOP/s of an n³ matmul (dtype inputs, f32 accumulation) on the first device."""
     dev = jax.devices()[0]
     a = jax.device_put(jnp.ones((n, n), dtype), dev)
