@@ -1,6 +1,7 @@
 """Model invariants against independent truth: the naive attention formula, causality,
 packed-document isolation."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ def _model_and_params(**overrides):
     cfg = dataclasses.replace(CFG, **overrides)
     model = build(cfg)
     t = jnp.zeros((1, 24), jnp.int32)
-    params = model.init(jax.random.key(0), _batch(t, t + 1, t))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), _batch(t, t + 1, t))["params"]
     return model, params
 
 
@@ -58,8 +59,14 @@ def _logits_of(model, params, tokens, segs, positions):
     return model.apply({"params": params}, _batch(tokens, segs, positions))["logits"]
 
 
+@functools.cache
+def _apply(model):
+    # jitted once per model: op by op, every call would compile the attention's loop afresh
+    return jax.jit(lambda p, b: model.apply({"params": p}, b)["logits"])
+
+
 def _logits(model, params, tokens, segs, positions):
-    return np.asarray(model.apply({"params": params}, _batch(tokens, segs, positions))["logits"])
+    return np.asarray(_apply(model)(params, _batch(tokens, segs, positions)))
 
 
 @pytest.mark.parametrize("positions,conv", [("learned", 0), ("rope", 0), ("rope", 3)])
@@ -136,7 +143,7 @@ def test_remat_does_not_change_the_gradients():
     for remat in ("none", "full", "dots"):
         model, params = _model_and_params(remat=remat)
         loss = lambda p: jnp.mean(_logits_of(model, p, tokens, segs, pos) ** 2)  # noqa
-        grads.append(jax.grad(loss)(params))
+        grads.append(jax.jit(jax.grad(loss))(params))
     for g in grads[1:]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      grads[0], g)

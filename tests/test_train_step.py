@@ -1,4 +1,6 @@
 """The sharded train step: same losses on every mesh; accumulation equals the full batch."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -82,7 +84,13 @@ def train_losses(config, devices, n_steps=3):
 
 @pytest.fixture(scope="module")
 def single_device():
-    c = tiny_config()
+    return one_device("tiny")
+
+
+@functools.cache
+def one_device(name):
+    """Losses and parameters of 3 f32 steps of configs/NAME.py on one device (computed once)."""
+    c = tiny_config(name)
     c.model.dtype = "float32"
     return train_losses(c, jax.devices()[:1])
 
@@ -103,7 +111,7 @@ def test_meshes_give_the_same_losses(single_device, mesh):
 def test_other_families_give_the_same_losses_on_a_222_mesh(name):
     c = tiny_config(name)
     c.model.dtype = "float32"
-    one = train_losses(c, jax.devices()[:1])
+    one = one_device(name)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     losses, params = train_losses(c, jax.devices())
     np.testing.assert_allclose(losses, one[0], rtol=2e-5)
@@ -112,11 +120,11 @@ def test_other_families_give_the_same_losses_on_a_222_mesh(name):
 
 
 @pytest.mark.parametrize("name", ["tiny", "bert_tiny"])
-def test_accumulation_matches_the_full_batch(single_device, name):
+def test_accumulation_matches_the_full_batch(name):
     """For MLM + NSP too: each part is normalized by the whole batch's weight."""
     c = tiny_config(name)
     c.model.dtype = "float32"
-    reference = single_device if name == "tiny" else train_losses(c, jax.devices()[:1])
+    reference = one_device(name)
     c.train.microbatches = 4
     losses, params = train_losses(c, jax.devices()[:1])
     np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
