@@ -1,4 +1,5 @@
-"""python -m llm_jax.benchmark --config configs/NAME.py [--steps N] [--json OUT] [--nopipeline]
+"""python -m llm_jax.benchmark --config configs/NAME.py [--steps N] [--warmup N] [--json OUT]
+                              [--nopipeline]
 
 Times the real train step (model, optimizer, shardings, donation) and eval step on
 synthetic tokens of the configured shapes, and the input pipeline alone.
@@ -148,9 +149,13 @@ def main(argv: list[str]) -> None:
     print(format_table(res))
     if _JSON.value:  # whole or not at all: written aside, then renamed
         tmp = f"{_JSON.value}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=2, default=str)
-        os.replace(tmp, _JSON.value)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=2, default=str)
+            os.replace(tmp, _JSON.value)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 if __name__ == "__main__":

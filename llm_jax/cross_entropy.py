@@ -91,7 +91,8 @@ def _chunked_fwd(x: Array, head: Array, y: Array, w: Array, dtype: Any):
         dlogits = dlogits.astype(dtype)
         dx = _contract(dlogits, wb, (1,), (0,), "outer").astype(x.dtype)
         # headᵀ's gradient [embed, vocab]: XLA:CPU copies a dot's first operand transposed,
-        # and the chunk [chunk, embed] is 16x smaller than its logits; one transpose at the end
+        # and the chunk [chunk, embed] is vocab/embed times smaller than its logits; one
+        # transpose at the end
         dhead_t = acc[2] + _contract(xc, dlogits, (0,), (0,), "inner")
         return (acc[0] + loss, acc[1] + hit, dhead_t), dx
 

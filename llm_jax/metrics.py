@@ -3,7 +3,7 @@
 FLOPs (one place, used by training logs and the benchmark). Per token, with N the
 parameters that take part in matmuls (attention and MLP kernels and the LM or MLM head;
 not the input, position or token-type embeddings, which are lookups):
-    forward  = 2·N + 4·L·T·H·d_head      (QKᵀ and AV over the full T×T matrix, as XLA does)
+    forward  = 2·N + 4·L·T·H·d_head      (QKᵀ and AV over the full T×T matrix, as PaLM)
     training = 3 × forward = 6·N + 12·L·T·H·d_head
 The encoder counts like the decoder (same matrix, no mask savings). The encoder–decoder
 adds cross-attention (QKᵀ and AV over T_out×T_in, k/v projections over the T_in encoder

@@ -37,13 +37,13 @@ def test_cpu_attention_matches_library(causal, heads, kv_heads, masked):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("t", [128, 256])
-def test_block_causal_attention_matches_library(t):
+@pytest.mark.parametrize("t,kv_heads", [(128, 2), (256, 2), (256, 4)])
+def test_block_causal_attention_matches_library(t, kv_heads):
     """Long enough for query blocks that skip the masked upper triangle (2 and 4 blocks)."""
     assert causal_blocks(t) == t // 64
-    rng = np.random.default_rng(t)
+    rng = np.random.default_rng(t + kv_heads)
     q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(2, t, kv_heads, 8)), jnp.float32) for _ in range(2))
     seg = jnp.asarray(np.sort(rng.integers(0, 4, size=(2, t)), axis=1))  # documents, padding
     mask = segment_mask(seg, seg)
     cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -86,17 +86,23 @@ def test_cpu_attention_bf16_close_to_f32():
     np.testing.assert_allclose(bf.astype(jnp.float32), f32, atol=3e-2)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_cpu_attention_bf16_grads_close_to_f32(kv_heads):
-    """bf16 inputs take the uint16 head-slice path (and bf16 dK, dV without GQA)."""
+@pytest.mark.parametrize("kv_heads,causal,dtype", [(4, True, jnp.bfloat16),
+                                                   (2, True, jnp.bfloat16),
+                                                   (4, False, jnp.bfloat16),
+                                                   (2, True, jnp.float16)])
+def test_cpu_attention_16_bit_grads_close_to_f32(kv_heads, causal, dtype):
+    """16-bit inputs take the uint16 head-slice path (and 16-bit dK, dV without GQA)."""
     rng = np.random.default_rng(kv_heads)
     q = jnp.asarray(rng.normal(size=(2, 128, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 128, kv_heads, 8)), jnp.float32) for _ in range(2))
     cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-    loss = lambda *a: (dot_product_attention(*a, None, True).astype(jnp.float32) * cot).sum()  # noqa: E731
+
+    def loss(*a):
+        return (dot_product_attention(*a, None, causal).astype(jnp.float32) * cot).sum()
+
     want = jax.grad(loss, (0, 1, 2))(q, k, v)
-    got = jax.jit(jax.grad(loss, (0, 1, 2)))(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+    got = jax.jit(jax.grad(loss, (0, 1, 2)))(*(a.astype(dtype) for a in (q, k, v)))
     for g, w in zip(got, want):
-        assert g.dtype == jnp.bfloat16
+        assert g.dtype == dtype
         scale = float(jnp.abs(w).max())
         np.testing.assert_allclose(g.astype(jnp.float32) / scale, w / scale, atol=3e-2)

@@ -71,6 +71,7 @@ def _spans(t: int, s: int, blocks: int) -> list[tuple[int, int, int]]:
     t == s) block r sees only keys before its end, skipping the masked upper triangle."""
     if blocks == 1:
         return [(0, t, s)]
+    assert t == s and t % blocks == 0, (t, s, blocks)
     c = t // blocks
     return [(r * c, (r + 1) * c, (r + 1) * c) for r in range(blocks)]
 
@@ -152,18 +153,19 @@ def _attention_bwd(blocks: int, res, do: Array):
                                                  preferred_element_type=f32))
         dqi = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, 1)
         if group > 1:  # a group's query heads share k and v: their gradients add up
-            dki, dvi = _head(dk, j, acc) + dki, _head(dv, j, acc) + dvi
-        return _put(dq, dqi, i, q.dtype), _put(dk, dki, j, acc), _put(dv, dvi, j, acc)
+            dki, dvi = _head(dk, j, acc_k) + dki, _head(dv, j, acc_v) + dvi
+        return _put(dq, dqi, i, q.dtype), _put(dk, dki, j, acc_k), _put(dv, dvi, j, acc_v)
 
     # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over head_dim,
-    # not over the kv length (FlashAttention's trick; XLA:CPU's is slow), for all heads
+    # not over the kv length (FlashAttention's trick; XLA:CPU's reduction over it is slow)
     delta = jnp.sum(do.astype(f32) * o.astype(f32), -1)[..., None]  # [b, t, heads, 1]
-    acc = f32 if group > 1 else k.dtype  # sums over a group's heads stay in f32
+    acc_k, acc_v = (f32, f32) if group > 1 else (k.dtype, v.dtype)  # group sums stay f32
     qs, ks, vs, dos = _bits(q), _bits(k), _bits(v), _bits(do)
-    init = tuple(_bits(jnp.zeros(x.shape, d)) for x, d in ((q, q.dtype), (k, acc), (v, acc)))
+    init = tuple(_bits(jnp.zeros(x.shape, d))
+                 for x, d in ((q, q.dtype), (k, acc_k), (v, acc_v)))
     dq, dk, dv = jax.lax.fori_loop(0, heads, head, init)
-    return _float(dq, q.dtype), _float(dk, acc).astype(k.dtype), _float(dv, acc).astype(
-        v.dtype), None
+    return (_float(dq, q.dtype), _float(dk, acc_k).astype(k.dtype),
+            _float(dv, acc_v).astype(v.dtype), None)
 
 
 _attention_cpu.defvjp(_attention_fwd, _attention_bwd)
@@ -175,7 +177,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
 
     `implementation` None picks per platform: on CPU a version with a hand-written,
     FlashAttention-style backward (faster on XLA:CPU, README Performance), elsewhere
-    `jax.nn.dot_product_attention`; 'xla' or 'cudnn' force that one.
+    `jax.nn.dot_product_attention`; 'xla' or 'cudnn' force that one. A query row whose
+    mask hides every key averages V as the library does, except that causal CPU attention
+    in query blocks (`causal_blocks`) averages only the keys up to its block's end (the
+    masks built here always keep the diagonal, so no row is fully hidden).
     """
     library = lambda: jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, mask=mask, is_causal=causal, implementation=implementation)

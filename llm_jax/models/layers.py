@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -141,7 +142,7 @@ def _matmul_grads(n_in: int, dtype: Any, w_in_last: bool, res, g: Array,
     # dw: contract the batch dims of x and g, flattened into one
     x2, g2 = xc.reshape((-1,) + xc.shape[n_batch:]), g.reshape((-1,) + g.shape[n_batch:])
     first, second = (g2, x2) if w_in_last else (x2, g2)
-    if cpu and first[0].size > second[0].size:
+    if cpu and math.prod(first.shape[1:]) > math.prod(second.shape[1:]):
         # XLA:CPU copies the first operand transposed: make that the smaller one, then
         # transpose the (weight-sized) result; the barrier keeps XLA from folding it back
         dw = jax.lax.optimization_barrier(_contract(second, first, (0,), (0,), "inner"))
