@@ -7,12 +7,14 @@ again, a page at a time: a train step spent ~10% in the kernel, and a matmul wri
 pages mapped (bench_small without remat: 4,100 -> 5,100-5,400 tokens/s; README,
 Performance). One, not glibc's 8 per core: a thread's own arena cannot serve a block over
 64 MB without mmap (with 2 arenas, runs were 4,100 or 5,100 by chance).
-The cost: the process keeps its peak host memory. Set LLM_JAX_MALLOC=0 to leave glibc's
-defaults. It must run before JAX starts its threads, so `llm_jax/__init__.py` calls it.
+The cost: the process keeps its peak host memory. Hosts with an accelerator keep glibc's
+defaults (their step buffers live on the device); LLM_JAX_MALLOC=0 or 1 forces the choice.
+It must run before JAX starts its threads, so `llm_jax/__init__.py` calls it.
 """
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import sys
 
@@ -20,9 +22,21 @@ import sys
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
+def cpu_only_host() -> bool:
+    """JAX_PLATFORMS names only cpu or, unset, no NVIDIA GPU or TPU device file exists."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return {p.strip() for p in platforms.split(",")} == {"cpu"}
+    return not (os.path.exists("/dev/nvidiactl") or glob.glob("/dev/accel[0-9]*"))
+
+
 def keep_freed_memory() -> bool:
-    """Apply the settings on Linux with glibc; True if they were applied."""
-    if os.environ.get("LLM_JAX_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+    """Apply the settings on Linux with glibc on CPU-only hosts (LLM_JAX_MALLOC=1: on any
+    host; 0: never); True if they were applied."""
+    choice = os.environ.get("LLM_JAX_MALLOC", "")
+    if choice == "0" or not sys.platform.startswith("linux"):
+        return False
+    if choice != "1" and not cpu_only_host():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library

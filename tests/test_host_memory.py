@@ -17,6 +17,20 @@ def test_settings_apply_and_opt_out_is_respected(monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
+def test_hosts_with_an_accelerator_keep_glibc_defaults_unless_forced(monkeypatch):
+    monkeypatch.delenv("LLM_JAX_MALLOC", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not host_memory.cpu_only_host() and not host_memory.keep_freed_memory()
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not host_memory.cpu_only_host()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_memory.cpu_only_host()
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    monkeypatch.setenv("LLM_JAX_MALLOC", "1")
+    assert host_memory.keep_freed_memory()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
 def test_freed_large_blocks_stay_mapped():
     """After the settings, freeing and reallocating 64 MB costs no new page faults (glibc's
     default unmaps the block on free, so touching it again faults every page)."""
