@@ -10,6 +10,19 @@ import pytest
 from llm_jax.models.attention import causal_blocks, dot_product_attention, segment_mask
 
 
+def assert_matches_library(q, k, v, mask, causal, cot):
+    """Values and gradients of dot_product_attention (the CPU one here) against the library's
+    XLA implementation."""
+    ours = lambda q, k, v: dot_product_attention(q, k, v, mask, causal)  # noqa: E731
+    ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, mask=mask, is_causal=causal, implementation="xla")
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(lambda *a: (ours(*a) * cot).sum(), (0, 1, 2)))(q, k, v)
+    want = jax.grad(lambda *a: (ref(*a) * cot).sum(), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("masked", [False, True])
@@ -23,18 +36,7 @@ def test_cpu_attention_matches_library(causal, heads, kv_heads, masked):
     seg = jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2, [1] * t])
     mask = segment_mask(seg, seg) if masked else None
     cot = jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
-
-    def loss(fn):
-        return lambda q, k, v: (fn(q, k, v) * cot).sum()
-
-    ours = lambda q, k, v: dot_product_attention(q, k, v, mask, causal)  # noqa: E731
-    ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-        q, k, v, mask=mask, is_causal=causal, implementation="xla")
-    np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
-    got = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v)
-    want = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    assert_matches_library(q, k, v, mask, causal, cot)
 
 
 @pytest.mark.parametrize("t,kv_heads", [(128, 2), (256, 2), (256, 4)])
@@ -47,14 +49,7 @@ def test_block_causal_attention_matches_library(t, kv_heads):
     seg = jnp.asarray(np.sort(rng.integers(0, 4, size=(2, t)), axis=1))  # documents, padding
     mask = segment_mask(seg, seg)
     cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-    ours = lambda q, k, v: dot_product_attention(q, k, v, mask, True)  # noqa: E731
-    ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-        q, k, v, mask=mask, is_causal=True, implementation="xla")
-    np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
-    got = jax.jit(jax.grad(lambda *a: (ours(*a) * cot).sum(), (0, 1, 2)))(q, k, v)
-    want = jax.grad(lambda *a: (ref(*a) * cot).sum(), (0, 1, 2))(q, k, v)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    assert_matches_library(q, k, v, mask, True, cot)
 
 
 def test_fully_masked_rows_match_library():
@@ -67,14 +62,7 @@ def test_fully_masked_rows_match_library():
     mask = segment_mask(q_seg, kv_seg)
     assert not mask[0, 0, 3:].any()  # the case under test
     cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-    ours = lambda q, k, v: dot_product_attention(q, k, v, mask, False)  # noqa: E731
-    ref = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-        q, k, v, mask=mask, implementation="xla")
-    np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
-    got = jax.grad(lambda *a: (ours(*a) * cot).sum(), (0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *a: (ref(*a) * cot).sum(), (0, 1, 2))(q, k, v)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    assert_matches_library(q, k, v, mask, False, cot)
 
 
 def test_cpu_attention_bf16_close_to_f32():

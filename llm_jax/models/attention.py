@@ -66,6 +66,11 @@ def _probs(s: Array, row_max: Array, row_sum: Array) -> Array:
     return jnp.exp(s - row_max) / row_sum
 
 
+def _rows(xs: list[Array]) -> Array:
+    """The query blocks' results joined along the length axis."""
+    return xs[0] if len(xs) == 1 else jnp.concatenate(xs, 1)
+
+
 def _spans(t: int, s: int, blocks: int) -> list[tuple[int, int, int]]:
     """(first query, end query, end key) of each query block: with `blocks` > 1 (causal,
     t == s) block r sees only keys before its end, skipping the masked upper triangle."""
@@ -104,9 +109,8 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
                                    preferred_element_type=jnp.float32))
             mxs.append(mx)
             totals.append(total)
-        cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, 1)  # noqa: E731
-        return (_put(o, cat(outs), i, q.dtype), row_max.at[i].set(cat(mxs)),
-                row_sum.at[i].set(cat(totals)))
+        return (_put(o, _rows(outs), i, q.dtype), row_max.at[i].set(_rows(mxs)),
+                row_sum.at[i].set(_rows(totals)))
 
     stats = jnp.zeros((heads,) + q.shape[:2] + (1,), jnp.float32)
     qs, ks, vs = _bits(q), _bits(k), _bits(v)
@@ -151,7 +155,7 @@ def _attention_bwd(blocks: int, res, do: Array):
                                                  preferred_element_type=f32))
             dvi = dvi.at[:, :end].add(jnp.einsum("bst,btd->bsd", p_t.astype(q.dtype), dob,
                                                  preferred_element_type=f32))
-        dqi = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, 1)
+        dqi = _rows(dqs)
         if group > 1:  # a group's query heads share k and v: their gradients add up
             dki, dvi = _head(dk, j, acc_k) + dki, _head(dv, j, acc_v) + dvi
         return _put(dq, dqi, i, q.dtype), _put(dk, dki, j, acc_k), _put(dv, dvi, j, acc_v)
