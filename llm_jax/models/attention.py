@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.layers import Dense, ModelConfig, init_std, rotary
+from llm_jax.models.layers import Dense, ModelConfig, _contract, init_std, rotary
 
 Array = jax.Array
 
@@ -52,18 +52,16 @@ def _put(x: Array, y: Array, i: Array, dtype: jnp.dtype) -> Array:
     return jax.lax.dynamic_update_index_in_dim(x, _bits(y.astype(dtype)), i, 2)
 
 
-def _scores(q: Array, k: Array, mask: Array, transposed: bool = False) -> Array:
-    """Masked, scaled logits [b, q, kv] in f32 for one head, or [b, kv, q] transposed
-    (computed as K·Qᵀ, not transposed after: XLA:CPU's transposes are slow)."""
-    s = (jnp.einsum("bsd,btd->bst", k, q, preferred_element_type=jnp.float32) if transposed
-         else jnp.einsum("btd,bsd->bts", q, k, preferred_element_type=jnp.float32))
+def _scores(q: Array, k: Array, mask: Array) -> Array:
+    """Masked, scaled logits [b, q, kv] in f32 for one head."""
+    s = jnp.einsum("btd,bsd->bts", q, k, preferred_element_type=jnp.float32)
     return jnp.where(mask, s * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
 
 
 def _probs(s: Array, row_max: Array, row_sum: Array) -> Array:
     # max and sum kept apart: a fully masked row (s = min everywhere) then averages V, as
     # jax.nn.dot_product_attention does, where exp(s - logsumexp) would sum it
-    return jnp.exp(s - row_max) / row_sum
+    return jnp.exp(s - row_max) * (1 / row_sum)  # one division per row, not per score
 
 
 def _rows(xs: list[Array]) -> Array:
@@ -105,7 +103,7 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
             mx = s.max(-1, keepdims=True)
             e = jnp.exp(s - mx)
             total = e.sum(-1, keepdims=True)
-            outs.append(jnp.einsum("bts,bsd->btd", (e / total).astype(vi.dtype), vi[:, :end],
+            outs.append(jnp.einsum("bts,bsd->btd", (e * (1 / total)).astype(vi.dtype), vi[:, :end],
                                    preferred_element_type=jnp.float32))
             mxs.append(mx)
             totals.append(total)
@@ -125,7 +123,6 @@ def _attention_bwd(blocks: int, res, do: Array):
     heads, group = q.shape[2], q.shape[2] // k.shape[2]
     f32, scale = jnp.float32, q.shape[-1] ** -0.5
     m = mask[:, 0]
-    m_t = jnp.swapaxes(m, -1, -2)
     do = do.astype(q.dtype)
     spans = _spans(q.shape[1], k.shape[1], blocks)
 
@@ -138,23 +135,16 @@ def _attention_bwd(blocks: int, res, do: Array):
         for lo, hi, end in spans:
             qb, kb, vb, dob = qi[:, lo:hi], ki[:, :end], vi[:, :end], doi[:, lo:hi]
             mx, total = row_max[i][:, lo:hi], row_sum[i][:, lo:hi]
-            mb, mb_t = m[:, lo:hi, :end], m_t[:, :end, lo:hi]
-            delta_b = deltai[:, lo:hi]
-            # P and dP, and their transposes (computed, not transposed) for dV = Pᵀ·dO and
-            # dK = dSᵀ·Q
+            mb = m[:, lo:hi, :end]
             p = _probs(_scores(qb, kb, mb), mx, total)
-            p_t = _probs(_scores(qb, kb, mb_t, True), jnp.swapaxes(mx, -1, -2),
-                         jnp.swapaxes(total, -1, -2))
             dp = jnp.einsum("btd,bsd->bts", dob, vb, preferred_element_type=f32)
-            dp_t = jnp.einsum("bsd,btd->bst", vb, dob, preferred_element_type=f32)
             # a masked score is a constant: no gradient (matters in fully masked rows)
-            ds = jnp.where(mb, p * (dp - delta_b) * scale, 0).astype(q.dtype)
-            ds_t = jnp.where(mb_t, p_t * (dp_t - jnp.swapaxes(delta_b, -1, -2)) * scale, 0)
+            ds = jnp.where(mb, p * (dp - deltai[:, lo:hi]) * scale, 0).astype(q.dtype)
             dqs.append(jnp.einsum("bts,bsd->btd", ds, kb, preferred_element_type=f32))
-            dki = dki.at[:, :end].add(jnp.einsum("bst,btd->bsd", ds_t.astype(q.dtype), qb,
-                                                 preferred_element_type=f32))
-            dvi = dvi.at[:, :end].add(jnp.einsum("bst,btd->bsd", p_t.astype(q.dtype), dob,
-                                                 preferred_element_type=f32))
+            # dK = dSᵀ·Q and dV = Pᵀ·dO contract the query dim, split in two (`_contract`)
+            dki = dki.at[:, :end].add(_contract(ds, qb, (1,), (1,), "inner", batch=1))
+            dvi = dvi.at[:, :end].add(_contract(p.astype(q.dtype), dob, (1,), (1,), "inner",
+                                                batch=1))
         dqi = _rows(dqs)
         if group > 1:  # a group's query heads share k and v: their gradients add up
             dki, dvi = _head(dk, j, acc_k) + dki, _head(dv, j, acc_v) + dvi

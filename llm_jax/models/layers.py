@@ -80,8 +80,9 @@ _SPLIT = 16  # parts of a split contraction; 4-256 measured alike on this CPU
 
 
 def _contract(a: Array, b: Array, a_dims: tuple[int, ...], b_dims: tuple[int, ...],
-              split: str | None = None) -> Array:
-    """dot_general over a_dims of `a` and b_dims of `b` (free dims: a's, then b's), in f32.
+              split: str | None = None, batch: int = 0) -> Array:
+    """dot_general over a_dims of `a` and b_dims of `b` (free dims: a's, then b's), in f32,
+    with the leading `batch` dims of both as batch dims.
 
     split ("outer" or "inner") first reshapes a single contracted dim n into (16, n/16) or
     (n/16, 16), a free reshape of row-major arrays: XLA:CPU runs a bf16 dot that contracts
@@ -96,7 +97,8 @@ def _contract(a: Array, b: Array, a_dims: tuple[int, ...], b_dims: tuple[int, ..
             a = a.reshape(a.shape[:da] + two + a.shape[da + 1:])
             b = b.reshape(b.shape[:db] + two + b.shape[db + 1:])
             a_dims, b_dims = (da, da + 1), (db, db + 1)
-    return jax.lax.dot_general(a, b, ((a_dims, b_dims), ((), ())),
+    shared = tuple(range(batch))
+    return jax.lax.dot_general(a, b, ((a_dims, b_dims), (shared, shared)),
                                preferred_element_type=jnp.float32)
 
 
