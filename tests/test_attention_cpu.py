@@ -39,17 +39,20 @@ def test_cpu_attention_matches_library(causal, heads, kv_heads, masked):
     assert_matches_library(q, k, v, mask, causal, cot)
 
 
-@pytest.mark.parametrize("t,kv_heads", [(128, 2), (256, 2), (256, 4)])
-def test_block_causal_attention_matches_library(t, kv_heads):
-    """Long enough for query blocks that skip the masked upper triangle (2 and 4 blocks)."""
-    assert causal_blocks(t) == t // 64
+@pytest.mark.parametrize("t,kv_heads,causal", [(128, 2, True), (256, 2, True),
+                                               (256, 4, True), (64, 2, False)])
+def test_long_attention_matches_library(t, kv_heads, causal):
+    """Long enough for query blocks that skip the masked upper triangle (2 and 4 blocks)
+    and for dK and dV to contract a split query dim (`layers._contract`)."""
+    if causal:
+        assert causal_blocks(t) == t // 64
     rng = np.random.default_rng(t + kv_heads)
     q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, t, kv_heads, 8)), jnp.float32) for _ in range(2))
     seg = jnp.asarray(np.sort(rng.integers(0, 4, size=(2, t)), axis=1))  # documents, padding
     mask = segment_mask(seg, seg)
     cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-    assert_matches_library(q, k, v, mask, True, cot)
+    assert_matches_library(q, k, v, mask, causal, cot)
 
 
 def test_fully_masked_rows_match_library():
