@@ -55,15 +55,18 @@ def test_long_attention_matches_library(t, kv_heads, causal):
     assert_matches_library(q, k, v, mask, causal, cot)
 
 
-def test_fully_masked_rows_match_library():
-    """Cross-attention: padding queries whose keys hold no padding see no key at all."""
-    rng = np.random.default_rng(7)
-    q = jnp.asarray(rng.normal(size=(2, 6, 2, 8)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32) for _ in range(2))
-    q_seg = jnp.asarray([[1, 1, 1, 0, 0, 0], [1, 1, 2, 2, 2, 0]])
-    kv_seg = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 2, 2, 2]])
+@pytest.mark.parametrize("t,s", [(6, 5), (64, 48)])
+def test_fully_masked_rows_match_library(t, s):
+    """Cross-attention: padding queries whose keys hold no padding see no key at all (at
+    t = 64 through the split query-dim contraction of dK and dV)."""
+    rng = np.random.default_rng(7 + t)
+    q = jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, s, 2, 8)), jnp.float32) for _ in range(2))
+    half = t // 2  # row 0: one document, then padding; row 1: two documents, one padding
+    q_seg = jnp.asarray([[1] * half + [0] * (t - half), [1] * 2 + [2] * (t - 3) + [0]])
+    kv_seg = jnp.asarray([[1] * s, [1] * 2 + [2] * (s - 2)])
     mask = segment_mask(q_seg, kv_seg)
-    assert not mask[0, 0, 3:].any()  # the case under test
+    assert not mask[0, 0, half:].any()  # the case under test
     cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
     assert_matches_library(q, k, v, mask, False, cot)
 

@@ -81,14 +81,15 @@ _SPLIT = 16  # parts of a split contraction; 4-256 measured alike on this CPU
 
 def _contract(a: Array, b: Array, a_dims: tuple[int, ...], b_dims: tuple[int, ...],
               split: str | None = None, batch: int = 0) -> Array:
-    """dot_general over a_dims of `a` and b_dims of `b` (free dims: a's, then b's), in f32,
-    with the leading `batch` dims of both as batch dims.
+    """dot_general over a_dims of `a` and b_dims of `b`, in f32, with the leading `batch`
+    dims of both as batch dims; the result's dims: batch, then a's free, then b's free.
 
     split ("outer" or "inner") first reshapes a single contracted dim n into (16, n/16) or
     (n/16, 16), a free reshape of row-major arrays: XLA:CPU runs a bf16 dot that contracts
     two dims 2-2.5x faster than the same dot over one long dim (README, Performance).
     "inner" keeps a sharded batch dim's shards whole.
     """
+    assert batch <= min(a_dims + b_dims), (batch, a_dims, b_dims)  # batch dims lead
     if split and len(a_dims) == 1:
         (da,), (db,) = a_dims, b_dims
         n = a.shape[da]
