@@ -1,7 +1,7 @@
 """A small BERT (encoder, MLM + NSP) pretrained on the embedded stdlib corpus, on a CPU.
 
 Command:  python -m llm_jax.train --config configs/bert_default.py --workdir runs/bert_default
-Runtime:  ~6 min on a 2-core x86 CPU after the one-time corpus and tokenizer preparation.
+Runtime:  ~3 min on a 2-core x86 CPU after the one-time corpus and tokenizer preparation.
 Expected: see README ("Model families"); the measured MLM and NSP accuracies are there.
 Data:     rows are [CLS] A [SEP] B [SEP] over 128 tokens; a "sentence" of code is a block
           (a run of non-blank lines with the blank lines after it). B follows A in half
