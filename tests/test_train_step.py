@@ -191,3 +191,28 @@ def test_skip_drops_a_nonfinite_update_but_keeps_the_schedule_moving():
     assert counts and all(int(x) == 1 for x in counts)  # the schedule moved on
     mu = jax.tree.leaves(new.opt_state[1][0].mu)
     assert all(np.all(np.asarray(x) == 0) for x in mu)  # moments untouched by NaN grads
+
+
+def test_logged_norms_match_numpy():
+    """param_norm and update_norm (the new parameters, and new minus old) against numpy."""
+    c = tiny_config()
+    c.model.dtype = "float32"
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    rules = sharding.rules(c.mesh)
+    model = build(ModelConfig.from_config(c.model, 128, SEQ))
+    tx, lr = optim.make(c.optim, c.train.steps)
+    objective = objectives.Objective.from_config(c)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    norm = lambda tree: np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))  # noqa: E731
+                                    for x in jax.tree.leaves(tree)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, state_sh, _ = trainer.init_state(model, tx, objectives.dummy_batch(c, 1), 0,
+                                                mesh, rules)
+        step = trainer.jit_train_step(model, objective, tx, lr, c.train, state_sh, batch_sh)
+        for b in synthetic_batches(2, c.train.batch_size):
+            before = jax.device_get(state.params)  # the step donates the state
+            state, m = step(state, jax.device_put(b, batch_sh))
+            after = jax.device_get(state.params)
+            np.testing.assert_allclose(float(m["param_norm"]), norm(after), rtol=1e-5)
+            update = jax.tree.map(lambda a, b: a.astype(np.float64) - b, after, before)
+            np.testing.assert_allclose(float(m["update_norm"]), norm(update), rtol=1e-3)
