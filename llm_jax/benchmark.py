@@ -7,7 +7,6 @@ synthetic tokens of the configured shapes, and the input pipeline alone.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import sys
@@ -140,6 +139,7 @@ def format_table(res: dict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    from llm_jax import files
     from llm_jax.config import ConfigError
     try:
         res = benchmark(_CONFIG.value, _STEPS.value, _PIPELINE.value, _WARMUP.value)
@@ -147,15 +147,8 @@ def main(argv: list[str]) -> None:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     print(format_table(res))
-    if _JSON.value:  # whole or not at all: written aside, then renamed
-        tmp = f"{_JSON.value}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(res, f, indent=2, default=str)
-            os.replace(tmp, _JSON.value)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    if _JSON.value:
+        files.write_atomic(_JSON.value, json.dumps(res, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from llm_jax import files
 from llm_jax.data.spans import NUM_SENTINELS, noise_spans, raw_length
 
 # What each model family can be trained on (objectives.py implements them).
@@ -317,8 +318,5 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def write_json(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes the resolved config atomically to WORKDIR/config.json."""
     path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(to_json(config))
-    os.replace(tmp, path)
+    files.write_atomic(path, to_json(config))
     return path

@@ -9,7 +9,6 @@ fine-tuning run reads text exactly as its pretrained model did.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from llm_jax import files
 from llm_jax.config import ConfigError
 from llm_jax.data import tokenizer
 
@@ -42,10 +42,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str = "") -> toke
 
 def save_tokenizer(tok: tokenizer.Tokenizer, workdir: str) -> None:
     """WORKDIR/tokenizer.model, written then renamed (never half-written)."""
-    fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(tok.serialized_model())
-    os.replace(tmp, os.path.join(workdir, TOKENIZER_FILE))
+    files.write_atomic(os.path.join(workdir, TOKENIZER_FILE), tok.serialized_model())
 
 
 def _manager(init_from: str) -> tuple[ocp.CheckpointManager, int]:

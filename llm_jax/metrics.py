@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 
+from llm_jax import files
 from llm_jax.models.layers import ModelConfig
 
 # bf16 dense peak per chip, FLOP/s, keyed by a substring of jax.Device.device_kind.
@@ -147,9 +148,7 @@ def _drop_records_after(path: str, step: int) -> None:
         except (ValueError, KeyError):  # a line cut short by a kill
             continue
     if len(keep) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        files.write_atomic(path, "".join(keep))
 
 
 def train_record(m: dict[str, Any], tokens_per_sec: float, step_time: float,

@@ -23,4 +23,4 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     assert res["peak_flops"] == 1e11 and res["peak_source"] == "config"
     assert abs(res["mfu"] - res["tokens_per_sec"] * res["model_flops_per_token"] / 1e11) < 1e-9
     assert res["step_time_min_s"] <= res["step_time_median_s"] <= res["step_time_max_s"]
-    assert not (tmp_path / "bench.json.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary left

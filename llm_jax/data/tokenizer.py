@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 
@@ -23,6 +22,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from llm_jax import files
 from llm_jax.data import sources
 from llm_jax.data.spans import NUM_SENTINELS
 
@@ -247,11 +247,7 @@ def load_or_train(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
                   f"{data_cfg.name} (once; cached as {path})", flush=True)
             proto = train(data_cfg)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            # Write then rename: a reader never sees a half-written model.
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(proto)
-            os.replace(tmp, path)
+            files.write_atomic(path, proto)  # a waiting process never reads half a model
         else:
             deadline = time.monotonic() + _WAIT_TIMEOUT_S
             while not os.path.isfile(path):
