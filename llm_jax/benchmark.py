@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -64,12 +64,16 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2) -> dict:
     res: dict = {"config": config.model.to_dict(), "devices": jax.device_count(),
                  "device_kind": jax.devices()[0].device_kind, "batch_size": t.batch_size,
                  "seq_len": seq, "steps": steps, "warmup_steps": warmup}
+    logging.info("benchmark: %d %s device(s); initializing and compiling the train step",
+                 jax.device_count(), res["device_kind"])
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         start = time.perf_counter()
         state, state_sh, _ = trainer.init_state(model, tx, tr.example, t.seed, mesh, rules)
         train_fn = trainer.jit_train_step(model, tr.objective, tx, lr, t, state_sh, batch_sh)
         compiled = train_fn.lower(state, batch).compile()
         res["compile_s"] = time.perf_counter() - start
+        logging.info("benchmark: compiled in %.1f s; timing %d train steps", res["compile_s"],
+                     steps)
         holder = {"state": state}
 
         def train_args(out):
@@ -80,6 +84,8 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2) -> dict:
         first, times, last = time_steps(compiled, train_args, steps, warmup)
         train_args(last)
         res["first_step_s"] = res["compile_s"] + first
+        logging.info("benchmark: train step median %.3f s; timing the eval step",
+                     statistics.median(times))
         eval_fn = trainer.jit_eval_step(model, tr.objective, np.ones(cfg.vocab_size),
                                         state_sh.params, batch_sh)
         _, eval_times, _ = time_steps(eval_fn, lambda _: (holder["state"].params, batch), steps,

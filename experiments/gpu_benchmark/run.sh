@@ -3,35 +3,38 @@
 # LLaMA-style model, bf16, cuDNN flash attention through jax.nn.dot_product_attention.
 #   bash experiments/gpu_benchmark/run.sh            # on the GPU machine
 #   SMOKE=1 bash experiments/gpu_benchmark/run.sh    # tiny shapes, checks the script on CPU
-# Writes experiments/gpu_benchmark/results/*.json and prints one table per model; each model
-# has its own time limit (LIMIT seconds, default 150), so one that hangs leaves the other's
-# figures and says where it stopped.
+# Writes experiments/gpu_benchmark/results/*.json and prints one table per run; each run
+# has its own time limit (LIMIT seconds, default 150), so one that hangs leaves the others'
+# figures, says where it stopped and prints Python's stack (SIGABRT + faulthandler).
+# ATTN=xla|cudnn overrides the attention implementation (SMOKE defaults to xla).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=experiments/gpu_benchmark/results
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-attn=cudnn
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+attn=${ATTN:-cudnn}
 extra=()
 if [[ "${SMOKE:-0}" == 1 ]]; then
-  attn=xla
+  attn=${ATTN:-xla}
   extra=(--config.model.num_layers=2 --config.model.d_model=128 --config.model.num_heads=4
          --config.model.num_kv_heads=2 --config.model.mlp_dim=256 --config.data.seq_len=128
          --config.data.vocab_size=512 --config.train.batch_size=8 --config.mesh.data=1
          --config.mesh.fsdp=-1)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
-bench() {  # name, batch size, then overrides
-  local name=$1 batch=$2
-  shift 2
+bench() {  # result name, config name, batch size, then overrides
+  local name=$1 config=$2 batch=$3
+  shift 3
   echo "== $name: start $(date +%T)"
-  timeout -k 10 "${LIMIT:-150}" python -m llm_jax.benchmark --config "configs/$name.py" \
-    --steps 10 --nopipeline --config.model.attention_impl=$attn \
+  timeout -s ABRT -k 10 "${LIMIT:-150}" python -m llm_jax.benchmark \
+    --config "configs/$config.py" --steps 10 --nopipeline --config.model.attention_impl=$attn \
     --config.train.batch_size="$batch" --config.mesh.data=1 --config.mesh.fsdp=-1 \
     "$@" "${extra[@]}" --json "$out/$name.json"
   echo "== $name: exit $? at $(date +%T)"
 }
 # GPT-2 small: 124M params, seq 1024.
-bench gpt2_small 32
-# llama_1b: 1.1B params, seq 2048; batch 8 per step fits an 80 GB GPU with dots remat.
-bench llama_1b 8
+bench gpt2_small gpt2_small 32
+# llama_1b: 1.1B params, seq 2048; batch 8 per step fits an 80 GB GPU with the config's
+# dots remat; a 141 GB H200 also holds it without remat, which saves the recomputation.
+bench llama_1b llama_1b 8
+bench llama_1b_noremat llama_1b 8 --config.model.remat=none
