@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | full | dots | dots_no_batch
     m.qkv_conv = 0  # >0: causal depthwise conv of this width on q, k, v (Primer); 0: off
     m.attention_impl = "auto"  # auto | xla | cudnn  (cudnn: flash attention on NVIDIA GPUs)
+    # decoder: False lets tokens attend across the documents packed in a row (GPT-2 style);
+    # cuDNN then runs plain causal flash attention without a [t, t] mask (README, Performance)
+    m.document_mask = True
     m.num_decoder_layers = 0  # encoder_decoder: decoder depth; 0: num_layers
     m.left_to_right = False  # encoder: causal attention (BERT's left-to-right ablation)
     m.num_classes = 2  # encoder: classes of the classification head

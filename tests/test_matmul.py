@@ -62,11 +62,53 @@ def test_both_backward_paths_match_autodiff(name, cpu):
     x = jnp.asarray(rng.normal(size=xs), jnp.float32)
     w = jnp.asarray(rng.normal(size=ws), jnp.float32)
     g = jnp.asarray(rng.normal(size=jnp.einsum(spec, x, w).shape), jnp.float32)
-    _, res = layers._matmul_fwd(x, w, n_in, jnp.float32, w_in_last)
+    _, res = layers._matmul_fwd(x, w, n_in, jnp.float32, w_in_last, jnp.float32)
     got = layers._matmul_grads(n_in, jnp.float32, w_in_last, res, g, cpu)
     want = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)[1](g)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_bf16_activations_get_bf16_dx_on_both_backward_paths(cpu):
+    """The GPU/TPU path writes dx in bf16 straight from the dot; both stay close to f32."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(4, 32, 48)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(48, 64)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(4, 32, 64)), jnp.float32)
+    _, res = layers._matmul_fwd(x, w, 1, jnp.bfloat16, False, jnp.bfloat16)
+    dx, dw = layers._matmul_grads(1, jnp.bfloat16, False, res, g, cpu)
+    assert (dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.float32)
+    want_dx, want_dw = jax.vjp(lambda x, w: jnp.einsum("btd,df->btf", x, w),
+                               x.astype(jnp.float32), w)[1](g)
+    for a, b in ((dx, want_dx), (dw, want_dw)):
+        scale = float(jnp.abs(b).max())
+        np.testing.assert_allclose(a.astype(jnp.float32) / scale, b / scale, atol=2e-2)
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_project_adds_the_bias_and_returns_out_dtype(out_dtype):
+    """project = x·w + b, its value and gradients against the plain formula; and the dot
+    in bf16 output (the GPU/TPU branch, called directly) matches too."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(4, 16, 24)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(24, 40)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(40,)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(4, 16, 40)), jnp.float32)
+    ours = lambda x, w, b: (layers.project(x, w, b, 1, jnp.bfloat16, out_dtype)  # noqa: E731
+                            .astype(jnp.float32) * cot).sum()
+    ref = lambda x, w, b: ((jnp.einsum("btd,df->btf", x, w) + b) * cot).sum()  # noqa: E731
+    y = layers.project(x, w, b, 1, jnp.bfloat16, out_dtype)
+    assert y.dtype == out_dtype
+    want = jnp.einsum("btd,df->btf", x, w) + b
+    np.testing.assert_allclose(y.astype(jnp.float32), want, rtol=3e-2, atol=0.3)
+    direct = matmul(x, w, 1, jnp.bfloat16, out_dtype=jnp.bfloat16)
+    assert direct.dtype == jnp.bfloat16
+    np.testing.assert_allclose(direct.astype(jnp.float32), want - b, rtol=3e-2, atol=0.3)
+    for g, r in zip(jax.grad(ours, (0, 1, 2))(x, w, b), jax.grad(ref, (0, 1, 2))(x, w, b)):
+        assert g.dtype == jnp.float32
+        scale = float(jnp.abs(r).max())
+        np.testing.assert_allclose(g / scale, r / scale, atol=2e-2)
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu", "relu"])

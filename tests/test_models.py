@@ -113,6 +113,25 @@ def test_packed_documents_are_isolated(positions, conv):
     np.testing.assert_allclose(alone[0], base[0, 10:], rtol=1e-4, atol=1e-4)
 
 
+def test_document_mask_off_lets_later_documents_see_earlier_ones():
+    """document_mask=False (GPT-2 style packing): the second document's logits depend on the
+    first; one document per row gives the same logits either way."""
+    model, params = _model_and_params(positions="rope", document_mask=False)
+    masked, _ = _model_and_params(positions="rope")
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 97, (1, 24)).astype(np.int32)
+    segs = np.array([[1] * 10 + [2] * 14], np.int32)
+    pos = np.array([list(range(10)) + list(range(14))], np.int32)
+    base = _logits(model, params, tokens, segs, pos)
+    changed = tokens.copy()
+    changed[0, :10] = rng.integers(0, 97, 10)
+    after = _logits(model, params, changed, segs, pos)
+    assert np.abs(after[0, 10:] - base[0, 10:]).max() > 1e-3
+    one = np.ones_like(segs)
+    np.testing.assert_allclose(_logits(model, params, tokens, one, pos),
+                               _logits(masked, params, tokens, one, pos), rtol=1e-5, atol=1e-5)
+
+
 def test_scan_and_loop_give_the_same_function():
     model_s, params_s = _model_and_params(scan_layers=True)
     model_l, _ = _model_and_params(scan_layers=False)

@@ -30,7 +30,7 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array, encoded: Array | None = None,
+    def __call__(self, x: Array, mask: Array | None, positions: Array, encoded: Array | None = None,
                  cross_mask: Array | None = None) -> tuple[Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout)
@@ -57,7 +57,7 @@ class Stack(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array, encoded: Array | None = None,
+    def __call__(self, x: Array, mask: Array | None, positions: Array, encoded: Array | None = None,
                  cross_mask: Array | None = None) -> Array:
         cfg = self.cfg
         block = Block
@@ -140,8 +140,9 @@ class DecoderLM(nn.Module):
         embed = _embed(cfg)
         x = _enter(cfg, _positions(cfg, embed(batch["tokens"]), positions, "pos_embed"),
                    deterministic)
+        mask = segment_mask(seg, seg) if cfg.document_mask else None
         x = Stack(cfg, cfg.num_layers, causal=True, deterministic=deterministic,
-                  name="decoder")(x, segment_mask(seg, seg), positions)
+                  name="decoder")(x, mask, positions)
         return _lm_out(cfg, embed, norm(cfg, "final_norm")(x), logits)
 
 
