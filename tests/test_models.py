@@ -166,3 +166,21 @@ def test_remat_does_not_change_the_gradients():
     for g in grads[1:]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      grads[0], g)
+
+
+@pytest.mark.parametrize("kind,platform,dtype,head_dim,want", [
+    ("NVIDIA H200", "gpu", jnp.bfloat16, 64, True),
+    ("NVIDIA A100-SXM4-80GB", "gpu", jnp.float16, 128, True),
+    ("NVIDIA H200", "gpu", jnp.float32, 64, False),  # cuDNN flash takes bf16/f16 only
+    ("NVIDIA H200", "gpu", jnp.bfloat16, 256, False),
+    ("NVIDIA H200", "gpu", jnp.bfloat16, 60, False),
+    ("AMD Instinct MI300X", "gpu", jnp.bfloat16, 64, False),
+    ("cpu", "cpu", jnp.bfloat16, 64, False),
+])
+def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch, kind, platform, dtype,
+                                                          head_dim, want):
+    from llm_jax.models import attention
+    fake = type("Device", (), {"platform": platform, "device_kind": kind})()
+    monkeypatch.setattr(attention.jax, "devices", lambda *a: [fake])
+    q = jnp.zeros((1, 4, 2, head_dim), dtype)
+    assert attention.cudnn_applies(q, q) is want

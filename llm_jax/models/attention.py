@@ -1,8 +1,8 @@
 """Masks and multi-head (grouped-query) attention.
 
-Attention is softmax(QKᵀ/√d_k)V. On GPU and TPU it is `jax.nn.dot_product_attention`, so
-`implementation='cudnn'` gives flash attention on NVIDIA GPUs; on CPU it is our own with
-a FlashAttention-style backward, which XLA:CPU runs faster (README, Performance).
+Attention is softmax(QKᵀ/√d_k)V. On GPU and TPU it is `jax.nn.dot_product_attention`, with
+cuDNN flash attention on NVIDIA GPUs; on CPU it is our own with a FlashAttention-style
+backward, which XLA:CPU runs faster (README, Performance).
 """
 from __future__ import annotations
 
@@ -169,13 +169,16 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
                           implementation: str | None = None) -> Array:
     """softmax(QKᵀ/√d)V for q [b, t, heads, d] and k, v [b, s, kv_heads, d].
 
-    `implementation` None picks per platform: on CPU a version with a hand-written,
-    FlashAttention-style backward (faster on XLA:CPU, README Performance), elsewhere
-    `jax.nn.dot_product_attention`; 'xla' or 'cudnn' force that one. A query row whose
+    `implementation` None picks per platform: cuDNN on NVIDIA GPUs where it applies
+    (`cudnn_applies`), on CPU a version with a hand-written, FlashAttention-style backward
+    (faster on XLA:CPU, README Performance), elsewhere `jax.nn.dot_product_attention`'s
+    XLA path; 'xla' or 'cudnn' force that one. A query row whose
     mask hides every key averages V as the library does, except that causal CPU attention
     in query blocks (`causal_blocks`) averages only the keys up to its block's end (the
     masks built here always keep the diagonal, so no row is fully hidden).
     """
+    if implementation is None and cudnn_applies(q, v):
+        implementation = "cudnn"
     library = lambda: jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, mask=mask, is_causal=causal, implementation=implementation)
     if implementation is not None:
@@ -188,6 +191,18 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
         blocks = causal_blocks(t) if t == k.shape[1] else 1
     return jax.lax.platform_dependent(cpu=lambda: _attention_cpu(q, k, v, full, blocks),
                                       default=library)
+
+
+def cudnn_applies(q: Array, v: Array) -> bool:
+    """Whether the default devices are NVIDIA GPUs and cuDNN flash attention takes these
+    shapes (bf16 or f16, head_dim a multiple of 8 up to 128): 2.7x XLA's attention for
+    llama_1b's train step on an H200 (README, Performance). Decided when tracing: JAX
+    picks XLA for implementation=None, and cuDNN's path cannot even be traced elsewhere."""
+    dev = jax.devices()[0]
+    d = q.shape[-1]
+    return (dev.platform == "gpu" and "nvidia" in dev.device_kind.lower()
+            and q.dtype in (jnp.bfloat16, jnp.float16) and d == v.shape[-1]
+            and d % 8 == 0 and d <= 128)
 
 
 def causal_blocks(t: int) -> int:
