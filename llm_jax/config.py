@@ -67,8 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | full | dots | dots_no_batch
     m.qkv_conv = 0  # >0: causal depthwise conv of this width on q, k, v (Primer); 0: off
     m.attention_impl = "auto"  # auto | xla | cudnn  (cudnn: flash attention on NVIDIA GPUs)
-    # decoder: False lets tokens attend across the documents packed in a row (GPT-2 style);
-    # cuDNN then runs plain causal flash attention without a [t, t] mask (README, Performance)
+    # decoder: False attends across the documents packed in a row, at row positions 0..T-1
+    # (GPT-2 style); cuDNN then runs plain causal attention, no [t, t] mask (README)
     m.document_mask = True
     m.num_decoder_layers = 0  # encoder_decoder: decoder depth; 0: num_layers
     m.left_to_right = False  # encoder: causal attention (BERT's left-to-right ablation)
@@ -228,6 +228,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if m.family == "encoder" and k.objective == "next_token" and not m.left_to_right:
         raise ConfigError("config.task.objective='next_token' on the encoder needs "
                           "model.left_to_right=True (causal attention)")
+    if not m.document_mask and m.family != "decoder":
+        raise ConfigError(f"config.model.document_mask=False applies to decoders only, not "
+                          f"model.family={m.family!r}; leave it True")
     if k.objective == "mlm" and m.left_to_right:
         raise ConfigError("config.task.objective='mlm' needs model.left_to_right=False: a "
                           "causal encoder cannot see the context after a masked token")

@@ -1,7 +1,10 @@
 """layers.matmul's hand-written backward (split contractions on CPU) against autodiff of
 a plain einsum, for every layout the models use."""
+import re
+
 import jax
 import jax.numpy as jnp
+from jax import export
 import numpy as np
 import pytest
 
@@ -109,6 +112,28 @@ def test_project_adds_the_bias_and_returns_out_dtype(out_dtype):
         assert g.dtype == jnp.float32
         scale = float(jnp.abs(r).max())
         np.testing.assert_allclose(g / scale, r / scale, atol=2e-2)
+
+
+def _dot_outputs(fn, platform, *args):
+    """(shape, dtype) of every dot in fn lowered for `platform` (no such device needed)."""
+    text = export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+    return sorted(re.findall(r"stablehlo.dot_general.*-> tensor<([0-9x]+)x(\w+)>", text))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_project_writes_bf16_from_the_dot_off_cpu(bias):
+    """Lowered for CUDA (or TPU) the forward dot writes bf16 and so does dx; lowered for CPU
+    both write f32; weight gradients are f32 everywhere."""
+    x = jnp.ones((2, 8, 16), jnp.bfloat16)
+    w, b = jnp.ones((16, 32), jnp.float32), jnp.ones((32,), jnp.float32) if bias else None
+    fwd = lambda x, w: layers.project(x, w, b, 1, jnp.bfloat16, jnp.bfloat16)  # noqa: E731
+    grad = jax.grad(lambda x, w: fwd(x, w).astype(jnp.float32).sum(), (0, 1))
+    want_fwd = {"cpu": [("2x8x32", "f32")], "cuda": [("2x8x32", "bf16")]}
+    want_grad = {"cpu": [("16x32", "f32"), ("2x8x16", "f32")],
+                 "cuda": [("16x32", "f32"), ("2x8x16", "bf16")]}
+    for platform in ("cpu", "cuda"):
+        assert _dot_outputs(fwd, platform, x, w) == want_fwd[platform]
+        assert _dot_outputs(grad, platform, x, w)[-2:] == want_grad[platform]
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu", "relu"])

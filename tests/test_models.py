@@ -113,23 +113,24 @@ def test_packed_documents_are_isolated(positions, conv):
     np.testing.assert_allclose(alone[0], base[0, 10:], rtol=1e-4, atol=1e-4)
 
 
-def test_document_mask_off_lets_later_documents_see_earlier_ones():
-    """document_mask=False (GPT-2 style packing): the second document's logits depend on the
-    first; one document per row gives the same logits either way."""
-    model, params = _model_and_params(positions="rope", document_mask=False)
-    masked, _ = _model_and_params(positions="rope")
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_document_mask_off_is_one_sequence_per_row(positions):
+    """document_mask=False (GPT-2 style packing): a row of two packed documents gives the
+    logits of one document spanning the row, at row positions 0..T-1; so the second
+    document depends on the first."""
+    model, params = _model_and_params(positions=positions, document_mask=False)
+    masked, _ = _model_and_params(positions=positions)
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, 97, (1, 24)).astype(np.int32)
     segs = np.array([[1] * 10 + [2] * 14], np.int32)
     pos = np.array([list(range(10)) + list(range(14))], np.int32)
     base = _logits(model, params, tokens, segs, pos)
+    one_doc = _logits(masked, params, tokens, np.ones_like(segs), np.arange(24)[None])
+    np.testing.assert_allclose(base, one_doc, rtol=1e-5, atol=1e-5)
     changed = tokens.copy()
     changed[0, :10] = rng.integers(0, 97, 10)
     after = _logits(model, params, changed, segs, pos)
     assert np.abs(after[0, 10:] - base[0, 10:]).max() > 1e-3
-    one = np.ones_like(segs)
-    np.testing.assert_allclose(_logits(model, params, tokens, one, pos),
-                               _logits(masked, params, tokens, one, pos), rtol=1e-5, atol=1e-5)
 
 
 def test_scan_and_loop_give_the_same_function():
@@ -168,19 +169,34 @@ def test_remat_does_not_change_the_gradients():
                      grads[0], g)
 
 
-@pytest.mark.parametrize("kind,platform,dtype,head_dim,want", [
-    ("NVIDIA H200", "gpu", jnp.bfloat16, 64, True),
-    ("NVIDIA A100-SXM4-80GB", "gpu", jnp.float16, 128, True),
-    ("NVIDIA H200", "gpu", jnp.float32, 64, False),  # cuDNN flash takes bf16/f16 only
-    ("NVIDIA H200", "gpu", jnp.bfloat16, 256, False),
-    ("NVIDIA H200", "gpu", jnp.bfloat16, 60, False),
-    ("AMD Instinct MI300X", "gpu", jnp.bfloat16, 64, False),
-    ("cpu", "cpu", jnp.bfloat16, 64, False),
+@pytest.mark.parametrize("kind,cc,dtype,head_dim,length,want", [
+    ("NVIDIA H200", "9.0", jnp.bfloat16, 64, 16, True),
+    ("NVIDIA A100-SXM4-80GB", "8.0", jnp.float16, 128, 16, True),
+    ("NVIDIA H200", "9.0", jnp.float32, 64, 16, False),  # cuDNN flash takes bf16/f16 only
+    ("NVIDIA H200", "9.0", jnp.bfloat16, 256, 16, False),
+    ("NVIDIA H200", "9.0", jnp.bfloat16, 60, 16, False),
+    ("NVIDIA H200", "9.0", jnp.bfloat16, 64, 15, False),  # odd length with a mask
+    ("NVIDIA GeForce RTX 2080 Ti", "7.5", jnp.bfloat16, 64, 16, False),  # pre-Ampere
+    ("AMD Instinct MI300X", None, jnp.bfloat16, 64, 16, False),
 ])
-def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch, kind, platform, dtype,
-                                                          head_dim, want):
+def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch, kind, cc, dtype,
+                                                          head_dim, length, want):
+    """implementation=None hands 'cudnn' to jax.nn.dot_product_attention exactly when the
+    device and shapes suit cuDNN flash attention, else leaves JAX's XLA path."""
     from llm_jax.models import attention
-    fake = type("Device", (), {"platform": platform, "device_kind": kind})()
+    fake = type("Device", (), {"platform": "gpu", "device_kind": kind,
+                               "compute_capability": cc})()
     monkeypatch.setattr(attention.jax, "devices", lambda *a: [fake])
-    q = jnp.zeros((1, 4, 2, head_dim), dtype)
-    assert attention.cudnn_applies(q, q) is want
+    seen = []
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention",
+                        lambda *a, implementation=None, **k: seen.append(implementation))
+    q = jnp.zeros((1, length, 2, head_dim), dtype)
+    mask = jnp.ones((1, 1, length, length), bool)
+    attention.dot_product_attention(q, q, q, mask, True)
+    assert (seen == ["cudnn"]) is want  # on CPU, the XLA path is not even traced
+
+
+def test_auto_attention_stays_off_cudnn_on_cpu():
+    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
+    from llm_jax.models import attention
+    assert not attention.cudnn_applies(q, q, q, None)

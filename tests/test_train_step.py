@@ -216,3 +216,13 @@ def test_logged_norms_match_numpy():
             np.testing.assert_allclose(float(m["param_norm"]), norm(after), rtol=1e-5)
             update = jax.tree.map(lambda a, b: a.astype(np.float64) - b, after, before)
             np.testing.assert_allclose(float(m["update_norm"]), norm(update), rtol=1e-3)
+
+
+def test_document_mask_off_is_refused_outside_decoders():
+    from llm_jax import config as config_lib
+    c = config_lib.base_config()
+    c.model.document_mask = False
+    config_lib.validate(c)  # a decoder takes it
+    c.model.family, c.task.objective = "encoder", "mlm"
+    with pytest.raises(ConfigError, match="document_mask=False applies to decoders only"):
+        config_lib.validate(c)

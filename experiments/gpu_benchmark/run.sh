@@ -6,7 +6,8 @@
 # Writes experiments/gpu_benchmark/results/*.json and prints one table per run; each run
 # has its own time limit (LIMIT seconds, default 150), so one that hangs leaves the others'
 # figures, says where it stopped and prints Python's stack (SIGABRT + faulthandler).
-# ATTN=xla|cudnn overrides the attention implementation (SMOKE defaults to xla).
+# ATTN=auto|xla|cudnn sets the attention implementation (default auto: cuDNN on NVIDIA GPUs).
+# Exits 1 if any run failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=experiments/gpu_benchmark/results
@@ -14,10 +15,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 # the default 75% of GPU memory is too little for llama_1b at batch 32
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
-attn=${ATTN:-cudnn}
+attn=${ATTN:-auto}
+failed=0
 extra=()
 if [[ "${SMOKE:-0}" == 1 ]]; then
-  attn=${ATTN:-xla}
   extra=(--config.model.num_layers=2 --config.model.d_model=128 --config.model.num_heads=4
          --config.model.num_kv_heads=2 --config.model.mlp_dim=256 --config.data.seq_len=128
          --config.data.vocab_size=512 --config.train.batch_size=8 --config.mesh.data=1
@@ -31,8 +32,10 @@ bench() {  # result name, config name, batch size, then overrides
   timeout -s ABRT -k 10 "${LIMIT:-150}" python -m llm_jax.benchmark \
     --config "configs/$config.py" --steps 10 --nopipeline --config.model.attention_impl=$attn \
     --config.train.batch_size="$batch" --config.mesh.data=1 --config.mesh.fsdp=-1 \
-    "$@" "${extra[@]}" --json "$out/$name.json"
-  echo "== $name: exit $? at $(date +%T)"
+    "$@" ${extra[@]+"${extra[@]}"} --json "$out/$name.json"
+  local rc=$?
+  echo "== $name: exit $rc at $(date +%T)"
+  [[ $rc == 0 ]] || failed=1
 }
 # Each model as configured (document_mask on: exact packing), then with GPT-2-style
 # cross-document attention, which lets cuDNN run plain causal flash attention; then larger
@@ -46,3 +49,4 @@ bench gpt2_small_nodocmask gpt2_small 32 $nodoc
 bench llama_1b_b32_nodocmask llama_1b 32 $nodoc
 bench llama_1b_noremat_nodocmask llama_1b 16 $nodoc --config.model.remat=none
 bench gpt2_small_b64_nodocmask gpt2_small 64 $nodoc
+exit $failed

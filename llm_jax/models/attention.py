@@ -177,7 +177,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
     in query blocks (`causal_blocks`) averages only the keys up to its block's end (the
     masks built here always keep the diagonal, so no row is fully hidden).
     """
-    if implementation is None and cudnn_applies(q, v):
+    if implementation is None and cudnn_applies(q, k, v, mask):
         implementation = "cudnn"
     library = lambda: jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, mask=mask, is_causal=causal, implementation=implementation)
@@ -193,16 +193,18 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
                                       default=library)
 
 
-def cudnn_applies(q: Array, v: Array) -> bool:
-    """Whether the default devices are NVIDIA GPUs and cuDNN flash attention takes these
-    shapes (bf16 or f16, head_dim a multiple of 8 up to 128): 2.7x XLA's attention for
-    llama_1b's train step on an H200 (README, Performance). Decided when tracing: JAX
-    picks XLA for implementation=None, and cuDNN's path cannot even be traced elsewhere."""
+def cudnn_applies(q: Array, k: Array, v: Array, mask: Array | None) -> bool:
+    """Whether the default devices are NVIDIA GPUs of compute capability 8.0 or later and
+    cuDNN flash attention takes these shapes: bf16 or f16, head_dim a multiple of 8 up to
+    128, and even lengths when there is a mask. 2.7x XLA's attention for llama_1b's train
+    step on an H200 (README, Performance). Decided when tracing: JAX picks XLA for
+    implementation=None, and cuDNN's path cannot even be traced elsewhere."""
     dev = jax.devices()[0]
-    d = q.shape[-1]
+    d, (t, s) = q.shape[-1], (q.shape[1], k.shape[1])
     return (dev.platform == "gpu" and "nvidia" in dev.device_kind.lower()
+            and float(getattr(dev, "compute_capability", 0) or 0) >= 8.0
             and q.dtype in (jnp.bfloat16, jnp.float16) and d == v.shape[-1]
-            and d % 8 == 0 and d <= 128)
+            and d % 8 == 0 and d <= 128 and (mask is None or (t % 2 == 0 and s % 2 == 0)))
 
 
 def causal_blocks(t: int) -> int:

@@ -172,8 +172,8 @@ def project(x: Array, w: Array, bias: Array | None, n_in: int, dtype: Any,
             out_dtype: Any) -> Array:
     """x · w (+ bias, added in f32) in `out_dtype`. On CPU the dot writes f32 (XLA:CPU runs
     bf16-output dots slower); elsewhere it writes `out_dtype`, half the bytes of f32 for
-    bf16 (+6% tokens/s for llama_1b on an H200, README Performance); tensor cores
-    accumulate in f32 either way."""
+    bf16 (+6% tokens/s for llama_1b on an H200, README Performance), so a bias is added to
+    the rounded product and the sum rounded again. Accumulation is f32 either way."""
     def run(dot_dtype: Any) -> Array:
         y = matmul(x, w, n_in, dtype, out_dtype=dot_dtype)
         return (y if bias is None else y.astype(jnp.float32) + bias).astype(out_dtype)
