@@ -1,5 +1,5 @@
 """python -m llm_jax.benchmark --config configs/NAME.py [--steps N] [--warmup N] [--json OUT]
-                              [--nopipeline]
+                              [--nopipeline] [--profile DIR]
 
 Times the real train step (model, optimizer, shardings, donation) and eval step on
 synthetic tokens of the configured shapes, and the input pipeline alone.
@@ -23,6 +23,9 @@ _WARMUP = flags.DEFINE_integer(
     "benchmarks/torch_reference.py): the first steps after compiling run slower.")
 _JSON = flags.DEFINE_string("json", None, "Write the results as one JSON object here.")
 _PIPELINE = flags.DEFINE_bool("pipeline", True, "Also time the input pipeline alone.")
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "Also trace 3 more train steps with jax.profiler into this directory "
+    "(open it with XProf or TensorBoard's profile plugin); the timed steps stay untraced.")
 
 
 def peak_host_mem_mb() -> float:
@@ -49,7 +52,8 @@ def time_steps(fn, args_fn, steps: int, warmup: int = 0) -> tuple[float, list[fl
     return first, times, out
 
 
-def benchmark(config, steps: int, pipeline: bool, warmup: int = 2) -> dict:
+def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
+              profile_dir: str | None = None) -> dict:
     import flax.linen as nn
     import jax
     import numpy as np
@@ -83,6 +87,10 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2) -> dict:
 
         first, times, last = time_steps(compiled, train_args, steps, warmup)
         train_args(last)
+        if profile_dir:
+            with jax.profiler.trace(profile_dir):
+                _, _, last = time_steps(compiled, train_args, 3)
+            train_args(last)
         res["first_step_s"] = res["compile_s"] + first
         logging.info("benchmark: train step median %.3f s; timing the eval step",
                      statistics.median(times))
@@ -148,7 +156,8 @@ def main(argv: list[str]) -> None:
     from llm_jax import files
     from llm_jax.config import ConfigError
     try:
-        res = benchmark(_CONFIG.value, _STEPS.value, _PIPELINE.value, _WARMUP.value)
+        res = benchmark(_CONFIG.value, _STEPS.value, _PIPELINE.value, _WARMUP.value,
+                        _PROFILE.value)
     except ConfigError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)

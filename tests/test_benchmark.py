@@ -8,7 +8,7 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run(
         [sys.executable, "-m", "llm_jax.benchmark", "--config", "configs/tiny.py", "--steps", "3",
-         "--warmup", "1", "--nopipeline", "--json", str(out)],
+         "--warmup", "1", "--nopipeline", "--json", str(out), "--profile", str(tmp_path / "prof")],
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "MFU" in r.stdout and "train tokens/s (median)" in r.stdout
@@ -23,4 +23,5 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     assert res["peak_flops"] == 1e11 and res["peak_source"] == "config"
     assert abs(res["mfu"] - res["tokens_per_sec"] * res["model_flops_per_token"] / 1e11) < 1e-9
     assert res["step_time_min_s"] <= res["step_time_median_s"] <= res["step_time_max_s"]
-    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "prof"]  # no temporary
+    assert list((tmp_path / "prof").rglob("*.xplane.pb"))  # the profiler's trace

@@ -7,6 +7,7 @@
 # has its own time limit (LIMIT seconds, default 150), so one that hangs leaves the others'
 # figures, says where it stopped and prints Python's stack (SIGABRT + faulthandler).
 # ATTN=auto|xla|cudnn sets the attention implementation (default auto: cuDNN on NVIDIA GPUs).
+# PROFILE=1 also writes a jax.profiler trace of 3 steps per run to results/trace_NAME.
 # Exits 1 if any run failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,7 +33,8 @@ bench() {  # result name, config name, batch size, then overrides
   timeout -s ABRT -k 10 "${LIMIT:-150}" python -m llm_jax.benchmark \
     --config "configs/$config.py" --steps 10 --nopipeline --config.model.attention_impl=$attn \
     --config.train.batch_size="$batch" --config.mesh.data=1 --config.mesh.fsdp=-1 \
-    "$@" ${extra[@]+"${extra[@]}"} --json "$out/$name.json"
+    ${PROFILE:+--profile=$out/trace_$name} "$@" ${extra[@]+"${extra[@]}"} \
+    --json "$out/$name.json"
   local rc=$?
   echo "== $name: exit $rc at $(date +%T)"
   [[ $rc == 0 ]] || failed=1

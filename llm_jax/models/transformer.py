@@ -30,7 +30,8 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, positions: Array, encoded: Array | None = None,
+    def __call__(self, x: Array, mask: Array | None, positions: Array,
+                 encoded: Array | None = None,
                  cross_mask: Array | None = None) -> tuple[Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout)
@@ -57,8 +58,8 @@ class Stack(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, positions: Array, encoded: Array | None = None,
-                 cross_mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, mask: Array | None, positions: Array,
+                 encoded: Array | None = None, cross_mask: Array | None = None) -> Array:
         cfg = self.cfg
         block = Block
         if cfg.remat != "none":
