@@ -70,10 +70,6 @@ def compile_report(config: ml_collections.ConfigDict,
     """Compiles the train step for config's mesh (on a TPU pod's compile-only devices with
     `topology`); returns per-device memory in bytes."""
     devices = tpu_devices(topology) if topology else None
-    if topology and config.model.attention_impl == "auto":
-        # auto decides by this host's devices (cuDNN on an NVIDIA host); TPUs get XLA's
-        config = config.copy_and_resolve_references()
-        config.model.attention_impl = "xla"
     tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config),
                          devices=devices)
     t, cfg = config.train, tr.model_cfg

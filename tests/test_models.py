@@ -200,3 +200,17 @@ def test_auto_attention_stays_off_cudnn_on_cpu():
     q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
     from llm_jax.models import attention
     assert not attention.cudnn_applies(q, q, q, None)
+
+
+def test_auto_attention_follows_the_mesh_in_context_not_the_host(monkeypatch):
+    """An AOT compile for other devices (here a CPU mesh) stays off cuDNN even on a host
+    whose own devices are NVIDIA GPUs."""
+    from llm_jax.models import attention
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    fake = type("Device", (), {"platform": "gpu", "device_kind": "NVIDIA H200",
+                               "compute_capability": "9.0"})()
+    monkeypatch.setattr(attention.jax, "devices", lambda *a: [fake])
+    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
+    assert attention.cudnn_applies(q, q, q, None)
+    with jax.set_mesh(mesh):
+        assert not attention.cudnn_applies(q, q, q, None)

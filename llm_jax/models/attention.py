@@ -194,15 +194,19 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
 
 
 def cudnn_applies(q: Array, k: Array, v: Array, mask: Array | None) -> bool:
-    """Whether the default devices are NVIDIA GPUs of compute capability 8.0 or later and
-    cuDNN flash attention takes these shapes: bf16 or f16, head_dim a multiple of 8 up to
-    128, and even lengths when there is a mask. 2.7x XLA's attention for llama_1b's train
-    step on an H200 (README, Performance). Decided when tracing: JAX picks XLA for
+    """Whether the target devices (the mesh in context, e.g. a TPU pod's for an AOT compile,
+    else this process's) are NVIDIA GPUs of compute capability 8.0 or later and cuDNN
+    flash attention takes these shapes: bf16 or f16, head_dim a multiple of 8 up to 128,
+    and even lengths when there is a mask. 2.7x XLA's attention for llama_1b's train step
+    on an H200 (README, Performance). Decided when tracing: JAX picks XLA for
     implementation=None, and cuDNN's path cannot even be traced elsewhere."""
-    dev = jax.devices()[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    dev = jax.devices()[0] if mesh.empty else mesh.abstract_device
+    if dev.platform != "gpu":
+        return False
+    cc = getattr(jax.devices()[0], "compute_capability", 0)  # the target is this host's
     d, (t, s) = q.shape[-1], (q.shape[1], k.shape[1])
-    return (dev.platform == "gpu" and "nvidia" in dev.device_kind.lower()
-            and float(getattr(dev, "compute_capability", 0) or 0) >= 8.0
+    return ("nvidia" in dev.device_kind.lower() and float(cc or 0) >= 8.0
             and q.dtype in (jnp.bfloat16, jnp.float16) and d == v.shape[-1]
             and d % 8 == 0 and d <= 128 and (mask is None or (t % 2 == 0 and s % 2 == 0)))
 

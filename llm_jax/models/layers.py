@@ -168,6 +168,9 @@ def _matmul_bwd(n_in: int, dtype: Any, w_in_last: bool, out_dtype: Any, res, g: 
     return jax.lax.platform_dependent(cpu=lambda: grads(True), default=lambda: grads(False))
 
 
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def project(x: Array, w: Array, bias: Array | None, n_in: int, dtype: Any,
             out_dtype: Any) -> Array:
     """x · w (+ bias, added in f32) in `out_dtype`. On CPU the dot writes f32 (XLA:CPU runs
@@ -182,9 +185,6 @@ def project(x: Array, w: Array, bias: Array | None, n_in: int, dtype: Any,
         return run(jnp.float32)
     return jax.lax.platform_dependent(cpu=lambda: run(jnp.float32),
                                       default=lambda: run(out_dtype))
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
