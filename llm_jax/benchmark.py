@@ -25,7 +25,8 @@ _JSON = flags.DEFINE_string("json", None, "Write the results as one JSON object 
 _PIPELINE = flags.DEFINE_bool("pipeline", True, "Also time the input pipeline alone.")
 _PROFILE = flags.DEFINE_string(
     "profile", None, "Also trace 3 more train steps with jax.profiler into this directory "
-    "(open it with XProf or TensorBoard's profile plugin); the timed steps stay untraced.")
+    "(open it with XProf or TensorBoard's profile plugin) and print their time by op scope; "
+    "the timed steps stay untraced.")
 
 
 def peak_host_mem_mb() -> float:
@@ -58,7 +59,7 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
     import jax
     import numpy as np
 
-    from llm_jax import metrics, objectives, trainer
+    from llm_jax import metrics, objectives, op_profile, trainer
 
     tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config))
     t, seq, cfg = config.train, config.data.seq_len, tr.model_cfg
@@ -91,6 +92,11 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
             with jax.profiler.trace(profile_dir):
                 _, _, last = time_steps(compiled, train_args, 3)
             train_args(last)
+            try:  # the trace is written whatever happens here; the figures matter more
+                res["profile_ops"] = op_profile.summarize(profile_dir, compiled.as_text(), 3)
+            except (KeyError, ValueError, AttributeError, OSError) as e:
+                logging.warning("benchmark: could not summarize the trace in %s: %r",
+                                profile_dir, e)
         res["first_step_s"] = res["compile_s"] + first
         logging.info("benchmark: train step median %.3f s; timing the eval step",
                      statistics.median(times))
@@ -162,6 +168,10 @@ def main(argv: list[str]) -> None:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     print(format_table(res))
+    if res.get("profile_ops"):
+        from llm_jax import op_profile
+        print("\ntraced train steps, time by op scope (self time; op_profile.py):")
+        print(op_profile.format_rows(res["profile_ops"]))
     if _JSON.value:
         files.write_atomic(_JSON.value, json.dumps(res, indent=2, default=str))
 

@@ -52,7 +52,8 @@ def head_sums(hidden: Array, head: Array, labels: Array, w: Array,
         return _chunked_sums(x.reshape(n, CHUNK, d), head, y.reshape(n, CHUNK),
                              wt.reshape(n, CHUNK), jnp.dtype(dtype))
 
-    return jax.lax.platform_dependent(cpu=chunked, default=plain)
+    with jax.named_scope("lm_head_loss"):  # names its ops in profiles (op_profile.py)
+        return jax.lax.platform_dependent(cpu=chunked, default=plain)
 
 
 def _chunk_stats(xc: Array, wb: Array, yc: Array, wc: Array):

@@ -86,8 +86,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, objective: 
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     loss, sums, grads = _grads(state.params, batch, rng, model, objective, microbatches,
                                deterministic)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):  # names its ops in profiles (op_profile.py)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

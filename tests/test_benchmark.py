@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_benchmark_cli_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
@@ -25,3 +27,9 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     assert res["step_time_min_s"] <= res["step_time_median_s"] <= res["step_time_max_s"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "prof"]  # no temporary
     assert list((tmp_path / "prof").rglob("*.xplane.pb"))  # the profiler's trace
+    # and the traced steps' time by op scope: the model's layers, the head and the optimizer
+    assert "time by op scope" in r.stdout
+    scopes = [row[0] for row in res["profile_ops"]]
+    assert scopes[-1] == "(all ops)" and res["profile_ops"][-1][2] == 1.0
+    assert any(s.startswith("DecoderLM/decoder/layers/") for s in scopes), scopes
+    assert sum(row[2] for row in res["profile_ops"][:-1]) == pytest.approx(1.0)

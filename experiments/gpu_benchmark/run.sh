@@ -7,7 +7,8 @@
 # has its own time limit (LIMIT seconds, default 150), so one that hangs leaves the others'
 # figures, says where it stopped and prints Python's stack (SIGABRT + faulthandler).
 # ATTN=auto|xla|cudnn sets the attention implementation (default auto: cuDNN on NVIDIA GPUs).
-# PROFILE=1 also writes a jax.profiler trace of 3 steps per run to results/trace_NAME.
+# PROFILE=1 also writes a jax.profiler trace of 3 steps per run to results/trace_NAME
+# and prints their time by op scope (llm_jax/op_profile.py).
 # Exits 1 if any run failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."

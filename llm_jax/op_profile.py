@@ -1,0 +1,113 @@
+"""Where a step's time goes: the XLA ops of a jax.profiler trace, summed by model scope.
+
+`python -m llm_jax.benchmark --profile DIR` traces 3 train steps and prints this table.
+Each op's self time (without the ops nested in it) is taken from the trace and grouped by
+the scope in its HLO metadata, layer numbers folded and forward apart from backward:
+`decoder/layer_*/mlp/wi dot_general (bwd)`. Loops and conditionals are left out: their time
+is their body's. On accelerators only device-side events count; on CPU, ops that run side
+by side on the host's threads each count in full, so shares are of the summed op time.
+"""
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import pathlib
+import re
+
+# metadata path parts that wrap the model's own scopes: jvp(NAME) is the scope NAME
+_WRAPPED = re.compile(r"(?:transpose\()?(?:jvp|vmap)\(([^()]+)\)\)?")
+_WRAPPERS = re.compile(r"^(jit|jvp|transpose|vmap|pjit|remat|checkpoint|rematted_computation|"
+                       r"cond|branch_\d+_fun|while|body|closed_call|shard_map|custom_vjp_call)\b")
+_CONTROL_FLOW = re.compile(r"\b(while|conditional|call)\(%")
+
+
+def op_scopes(hlo_text: str) -> dict[str, str | None]:
+    """HLO instruction name -> 'scope primitive (fwd|bwd)' from its op_name metadata; None
+    for loops and conditionals, whose time is their body's."""
+    scopes: dict[str, str | None] = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        if not m:
+            continue
+        if _CONTROL_FLOW.search(line):
+            scopes[m.group(1)] = None
+            continue
+        op = re.search(r'op_name="([^"]*)"', line)
+        if not op:
+            continue
+        # ops XLA merged carry "a;b" or "(a:b)": the first one names them
+        name = re.sub(r"/\(([^():]*):.*", r"/\1", op.group(1).split(";")[0])
+        parts = [w.group(1) if (w := _WRAPPED.fullmatch(p)) else p for p in name.split("/")]
+        parts = [p for p in parts if p and not _WRAPPERS.match(p)]
+        parts = [re.sub(r"^(layer|layers)_\d+$", r"\1_*", p) for p in parts]
+        prim = parts.pop() if parts else "?"
+        scope = "/".join(parts) or "(top)"
+        scopes[m.group(1)] = f"{scope} {prim} ({'bwd' if 'transpose(' in op.group(1) else 'fwd'})"
+    return scopes
+
+
+def self_times(trace: dict, module: str) -> tuple[dict[str, float], int]:
+    """Summed self seconds per hlo_op of `module` in a Chrome trace, and the number of
+    devices they ran on (device-side events when there are any, else the host's)."""
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    ops = [e for e in trace["traceEvents"] if e.get("ph") == "X"
+           and e.get("args", {}).get("hlo_module") == module and "hlo_op" in e["args"]]
+    on_device = [e for e in ops
+                 if re.match(r"/device:(GPU|TPU)", str(names.get(e["pid"], "")))]
+    ops = on_device or ops
+    totals: dict[str, float] = collections.defaultdict(float)
+    by_thread = collections.defaultdict(list)
+    for e in ops:
+        by_thread[e["pid"], e["tid"]].append(e)
+    for events in by_thread.values():
+        events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[list] = []  # [end, op, self microseconds]
+        for e in events + [None]:
+            while stack and (e is None or e["ts"] >= stack[-1][0]):
+                end, op, own = stack.pop()
+                totals[op] += own / 1e6
+            if e is None:
+                break
+            if stack:  # nested: the parent's time is not its own while this one runs
+                stack[-1][2] -= e["dur"]
+            stack.append([e["ts"] + e["dur"], e["args"]["hlo_op"], e["dur"]])
+    return dict(totals), max(len({e["pid"] for e in ops}), 1)
+
+
+def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 15
+              ) -> list[tuple[str, float, float]]:
+    """(scope, milliseconds per step and device, share of the op time) for the `top` scopes
+    of the newest trace under trace_dir, largest first, then '(other)' and '(all ops)'."""
+    files = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"),
+                   key=lambda p: p.stat().st_mtime)
+    if not files:
+        return []
+    with gzip.open(files[-1]) as f:
+        trace = json.load(f)
+    module = re.search(r"HloModule ([\w.\-]+)", hlo_text).group(1)
+    scopes = op_scopes(hlo_text)
+    seconds, devices = self_times(trace, module)
+    by_scope: dict[str, float] = collections.defaultdict(float)
+    for op, s in seconds.items():
+        scope = scopes.get(op, f"{op} (no metadata)")
+        if scope is not None:
+            by_scope[scope] += s
+    total = sum(by_scope.values())
+    if not total:
+        return []
+    per_step = 1e3 / (steps * devices)
+    ranked = sorted(by_scope.items(), key=lambda kv: -kv[1])
+    rows = [(k, v * per_step, v / total) for k, v in ranked[:top]]
+    rest = sum(v for _, v in ranked[top:])
+    if rest:
+        rows.append(("(other)", rest * per_step, rest / total))
+    rows.append(("(all ops)", total * per_step, 1.0))
+    return rows
+
+
+def format_rows(rows: list[tuple[str, float, float]]) -> str:
+    width = max(len(r[0]) for r in rows)
+    head = f"{'op scope':<{width}}  ms/step   share"
+    return "\n".join([head] + [f"{k:<{width}}  {ms:7.1f}  {share:6.1%}" for k, ms, share in rows])
