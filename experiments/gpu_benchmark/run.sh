@@ -8,7 +8,7 @@
 # figures, says where it stopped and prints Python's stack (SIGABRT + faulthandler).
 # ATTN=auto|xla|cudnn sets the attention implementation (default auto: cuDNN on NVIDIA GPUs).
 # PROFILE=1 also writes a jax.profiler trace of 3 steps per run to results/trace_NAME
-# and prints their time by op scope (llm_jax/op_profile.py).
+# and prints their time by op scope (llm_jax/op_profile.py), with CUDA command buffers off.
 # Exits 1 if any run failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,6 +18,11 @@ export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 # the default 75% of GPU memory is too little for llama_1b at batch 32
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 attn=${ATTN:-auto}
+if [[ -n "${PROFILE:-}" ]]; then
+  # kernels replayed from a CUDA command buffer lose their HLO op in traces (openxla/xprof
+  # #3070), so profiled runs go without (their speeds may differ from the plain runs')
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
+fi
 failed=0
 extra=()
 if [[ "${SMOKE:-0}" == 1 ]]; then
