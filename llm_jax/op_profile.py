@@ -91,7 +91,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 15
     seconds, devices = self_times(trace, module)
     by_scope: dict[str, float] = collections.defaultdict(float)
     for op, s in seconds.items():
-        scope = scopes.get(op, f"{op} (no metadata)")
+        scope = scopes.get(op, f"(no metadata) {re.sub(r'[.0-9]+$', '', op)}")
         if scope is not None:
             by_scope[scope] += s
     total = sum(by_scope.values())

@@ -32,6 +32,13 @@ def _trace(events, processes):
     return {"traceEvents": meta + events}
 
 
+def _write(trace_dir, events):
+    run = trace_dir / "plugins" / "profile" / "run1"
+    run.mkdir(parents=True)
+    with gzip.open(run / "host.trace.json.gz", "wt") as f:
+        json.dump(_trace(events, {1: "/host:CPU"}), f)
+
+
 def test_op_scopes_fold_layers_and_wrappers():
     scopes = op_profile.op_scopes(HLO)
     assert scopes["fusion.1"] == scopes["fusion.2"] == "DecoderLM/decoder/layer_*/mlp/wi dot_general (fwd)"
@@ -65,16 +72,18 @@ def test_summarize_ranks_scopes_per_step(tmp_path):
     events = [_event(1, 7, 0, 3000, "fusion.1"), _event(1, 7, 3000, 3000, "fusion.2"),
               _event(1, 7, 6000, 1500, "add.5"), _event(1, 7, 8000, 2500, "fusion.3"),
               _event(1, 7, 11000, 50, "while.4")]
-    run = tmp_path / "plugins" / "profile" / "run1"
-    run.mkdir(parents=True)
-    with gzip.open(run / "host.trace.json.gz", "wt") as f:
-        json.dump(_trace(events, {1: "/host:CPU"}), f)
-    rows = op_profile.summarize(str(tmp_path), HLO, steps=2, top=2)
+    _write(tmp_path / "a", events)
+    rows = op_profile.summarize(str(tmp_path / "a"), HLO, steps=2, top=2)
     assert [r[0] for r in rows] == ["DecoderLM/decoder/layer_*/mlp/wi dot_general (fwd)",
                                     "DecoderLM/decoder/layer_*/mlp tanh (bwd)", "(other)",
                                     "(all ops)"]
     # milliseconds per step (2 steps) and shares of the op time, the loop left out
     assert [r[1:] for r in rows] == pytest.approx([(3.0, 0.6), (1.25, 0.25), (0.75, 0.15),
                                                    (5.0, 1.0)])
+    # ops without metadata are summed by kind
+    _write(tmp_path / "b", [_event(1, 7, 0, 300, "copy.6"), _event(1, 7, 400, 100, "copy.9")])
+    rows = op_profile.summarize(str(tmp_path / "b"), HLO, steps=2)
+    assert [r[0] for r in rows] == ["(no metadata) copy", "(all ops)"]
+    assert [r[1:] for r in rows] == pytest.approx([(0.2, 1.0), (0.2, 1.0)])
     assert "mlp/wi dot_general (fwd)" in op_profile.format_rows(rows)
     assert op_profile.summarize(str(tmp_path / "none"), HLO, steps=2) == []
