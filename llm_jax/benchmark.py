@@ -2,7 +2,8 @@
                               [--nopipeline] [--profile DIR]
 
 Times the real train step (model, optimizer, shardings, donation) and eval step on
-synthetic tokens of the configured shapes, and the input pipeline alone.
+synthetic tokens of the configured shapes, and the input pipeline alone. With --profile,
+also traces 3 train steps and prints their time by op scope (op_profile.py).
 """
 from __future__ import annotations
 
@@ -89,14 +90,18 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
         first, times, last = time_steps(compiled, train_args, steps, warmup)
         train_args(last)
         if profile_dir:
-            with jax.profiler.trace(profile_dir):
-                _, traced, last = time_steps(compiled, train_args, 3)
+            since = time.time()
+            with jax.profiler.trace(profile_dir):  # 3 executions: the first and 2 more
+                first_traced, traced, last = time_steps(compiled, train_args, 2)
             train_args(last)
-            res["profile_step_s"] = statistics.median(traced)
+            res["profile_step_s"] = statistics.median([first_traced] + traced)
             try:  # a trace it cannot read (another profiler version) must not cost the figures
-                res["profile_ops"] = op_profile.summarize(profile_dir, compiled.as_text(), 3)
-            except Exception:  # noqa: BLE001
+                prof = op_profile.summarize(profile_dir, compiled.as_text(), 3, since)
+                res.update(profile_ops=prof.rows, profile_runs=prof.runs,
+                           profile_devices=prof.devices)
+            except Exception as e:  # noqa: BLE001
                 logging.exception("benchmark: could not summarize the trace in %s", profile_dir)
+                res["profile_error"] = repr(e)
         res["first_step_s"] = res["compile_s"] + first
         logging.info("benchmark: train step median %.3f s; timing the eval step",
                      statistics.median(times))
@@ -172,8 +177,13 @@ def main(argv: list[str]) -> None:
         from llm_jax import op_profile
         print(f"\n3 traced train steps ({res['profile_step_s']:.3f} s each, the tracer's cost "
               "included), time by op scope (self time; op_profile.py):")
-        print(op_profile.format_rows(res["profile_ops"]) if res.get("profile_ops") else
-              f"no XLA op events with an hlo_op in the trace: open {_PROFILE.value} in XProf")
+        if res.get("profile_ops"):
+            print(op_profile.format_rows(res["profile_ops"]))
+        elif "profile_error" in res:
+            print(f"could not summarize the trace ({res['profile_error']}): open "
+                  f"{_PROFILE.value} in XProf")
+        else:
+            print(f"no XLA op events with an hlo_op in the trace: open {_PROFILE.value} in XProf")
     if _JSON.value:
         files.write_atomic(_JSON.value, json.dumps(res, indent=2, default=str))
 

@@ -3,8 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 
 def test_benchmark_cli_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
@@ -27,9 +25,10 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     assert res["step_time_min_s"] <= res["step_time_median_s"] <= res["step_time_max_s"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "prof"]  # no temporary
     assert list((tmp_path / "prof").rglob("*.xplane.pb"))  # the profiler's trace
-    # and the traced steps' time by op scope: the model's layers, the head and the optimizer
+    # and the traced steps' time by op scope: 3 executions on 8 devices (conftest), with
+    # the model's layers, the LM head and loss, and the optimizer among the scopes
     assert "time by op scope" in r.stdout and res["profile_step_s"] > 0
+    assert (res["profile_runs"], res["profile_devices"]) == (3, 8)
     scopes = [row[0] for row in res["profile_ops"]]
-    assert scopes[-1] == "(all ops)" and res["profile_ops"][-1][2] == 1.0
-    assert any(s.startswith("DecoderLM/decoder/layers/") for s in scopes), scopes
-    assert sum(row[2] for row in res["profile_ops"][:-1]) == pytest.approx(1.0)
+    for part in ("DecoderLM/decoder/layers/", "lm_head_loss ", "optimizer "):
+        assert any(s.startswith(part) for s in scopes), (part, scopes)

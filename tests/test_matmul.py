@@ -4,9 +4,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-from jax import export
 import numpy as np
 import pytest
+from jax import export
 
 from llm_jax.models import layers
 from llm_jax.models.layers import matmul
