@@ -24,9 +24,9 @@ def cmd(workdir, data_dir, *overrides):
             f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *BASE, *overrides]
 
 
-def run(workdir, data_dir, *overrides, timeout=300):
+def run(workdir, data_dir, *overrides, timeout=300, env=None):
     return subprocess.run(cmd(workdir, data_dir, *overrides), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def losses(workdir):
@@ -157,8 +157,11 @@ def test_disk_full_during_a_save_stops_in_one_line_and_keeps_earlier(tmp_path,
     if mount.returncode:
         pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
     try:
+        # one device: a checkpoint is ~0.5 MB whatever the timing; on 8 devices its shards'
+        # files took 0.8-1.1 MB from run to run, and under load the first one overflowed
+        one = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
         r = run(small / "w", data_cfg.data_dir, "--config.train.checkpoint_every=5",
-                "--config.train.max_to_keep=10", "--config.train.log_every=5")
+                "--config.train.max_to_keep=10", "--config.train.log_every=5", env=one)
         assert r.returncode == 4, r.stderr[-2000:]
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "No space left" in lines[0], r.stderr
