@@ -135,17 +135,23 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise CheckpointError(f"saving checkpoint {self._pending} in {self.directory} "
-                                  f"failed: {type(e).__name__}: {_short(e)}; the earlier "
-                                  "checkpoints are intact") from e
+            raise self._failed(e) from e
+
+    def _failed(self, e: BaseException) -> CheckpointError:
+        return CheckpointError(f"saving checkpoint {self._pending} in {self.directory} "
+                               f"failed: {type(e).__name__}: {_short(e)}; the earlier "
+                               "checkpoints are intact")
 
     def wait_and_latest(self) -> int | None:
         self.wait()
         return self.latest_step()
 
     def close(self) -> None:
+        """Waits for the last save, then closes; raises CheckpointError if the save failed."""
         try:
             self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from e
         finally:
             self.manager.close()
 

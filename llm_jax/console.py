@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 from typing import TextIO
 
 from absl import logging as absl_logging
@@ -25,6 +26,15 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def _checkpoint_write(record: logging.LogRecord) -> bool:
+    """Whether an asyncio record is about an Orbax write: its message (the future, with the
+    checkpoint's temporary path) or its exception's frames name Orbax."""
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += "".join(traceback.format_exception(*record.exc_info))
+    return "/orbax/" in text or ".orbax-checkpoint-tmp" in text
+
+
 class _LibraryNoise(logging.Filter):
     """Orbax logs a traceback per failed background write, and asyncio again per unawaited
     write task (we report it once, in one line); TFDS warns that a dataset it is about to
@@ -33,7 +43,7 @@ class _LibraryNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if "/orbax/" in record.pathname:
             return False
-        if record.name == "asyncio" and "/orbax/" in record.getMessage():
+        if record.name == "asyncio" and _checkpoint_write(record):
             return False  # a failed write's unawaited tasks, reported again when collected
         return not ("tensorflow_datasets" in record.pathname
                     and "has no dataset_info.json" in record.getMessage())

@@ -12,6 +12,7 @@ MFU = achieved model FLOP/s ÷ peak FLOP/s of the devices used.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -101,11 +102,17 @@ def peak_flops(configured: float, dtype: Any) -> tuple[float, str]:
     return 0.0, f"unknown device kind {dev.device_kind!r}"
 
 
+class WriteError(RuntimeError):
+    """The metrics could not be written to the workdir (disk full, unwritable)."""
+
+
 class Writer:
-    """Writes metric records to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
+    """Writes metric records to WORKDIR/metrics.jsonl and TensorBoard (process 0 only); a
+    failed write raises WriteError, in one line."""
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
+        self._workdir = workdir
         self._jsonl: TextIO | None = None
         self._tb = None
         if enabled:
@@ -122,16 +129,28 @@ class Writer:
             return
         record = {"step": int(step), "split": split}
         record.update({k: float(v) for k, v in values.items()})
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        for k, v in values.items():
-            self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
-        self._tb.flush()
+        with self._reporting(step):
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+            for k, v in values.items():
+                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+            self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
+            with self._reporting(None):
+                self._jsonl.close()
+                self._tb.close()
+
+    @contextlib.contextmanager
+    def _reporting(self, step: int | None):
+        try:
+            yield
+        except OSError as e:
+            at = f" at step {step}" if step is not None else ""
+            raise WriteError(f"writing metrics to {self._workdir}{at} failed: "
+                             f"{' '.join(str(e).split())}; the checkpoints written so far "
+                             "are intact") from e
 
 
 def _drop_records_after(path: str, step: int) -> None:

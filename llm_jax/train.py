@@ -2,8 +2,9 @@
 
 Thin on purpose: flags in, `trainer.run(config, workdir)` out. User errors (bad keys,
 values, meshes, missing data) end with exit code 2 and one line; tracebacks mean bugs.
-Exit codes: 0 done, 2 user error, 3 non-finite loss, 4 checkpoint write or restore failed,
-75 preempted by SIGTERM after saving (rerun to continue).
+Exit codes: 0 done, 2 user error, 3 non-finite loss, 4 a checkpoint or the metrics could
+not be written, or no checkpoint restores, 75 preempted by SIGTERM after saving (rerun to
+continue).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from llm_jax.overrides import UserError, check_overrides
 
 EXIT_USER = 2
 EXIT_NONFINITE = 3  # the loss or gradients became NaN/inf (train.on_nonfinite=stop)
-EXIT_CHECKPOINT = 4  # a checkpoint could not be written, or none in the workdir restores
+EXIT_CHECKPOINT = 4  # a checkpoint or the metrics could not be written, or none restores
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -94,16 +95,18 @@ def main(argv: list[str]) -> None:
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.config import ConfigError
     from llm_jax.data.sources import DataError
+    from llm_jax.metrics import WriteError
     from llm_jax.preemption import EXIT_PREEMPTED, Preempted
     codes = ((ConfigError, EXIT_USER), (DataError, EXIT_USER),
              (trainer.NonFiniteError, EXIT_NONFINITE), (CheckpointError, EXIT_CHECKPOINT),
+             (WriteError, EXIT_CHECKPOINT),
              (Preempted, EXIT_PREEMPTED))
     try:
         trainer.run(fv.config, fv.workdir)
     except tuple(c for c, _ in codes) as e:
         console.error(str(e))
         code = next(code for c, code in codes if isinstance(e, c))
-        if code == EXIT_CHECKPOINT:  # Orbax's failed writer threads would print at shutdown
+        if code == EXIT_CHECKPOINT:  # failed writer threads and atexit flushes would print
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)

@@ -196,7 +196,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         except checkpoint.CheckpointError:
             raise  # closing a manager whose writes failed only adds noise
         except BaseException:
-            ckpt.close()
+            try:
+                ckpt.close()
+            except checkpoint.CheckpointError:
+                pass  # the error in flight says why the run stopped (e.g. a full disk)
             raise
         ckpt.close()
         return result

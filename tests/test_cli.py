@@ -83,6 +83,34 @@ def test_stderr_filter_drops_only_closed_loop_tracebacks():
     assert out.getvalue() == "line one\n" + real + "error: the one line\n"
 
 
+def test_asyncio_reports_of_failed_checkpoint_writes_are_dropped():
+    """asyncio logs a failed Orbax write's futures again when they are collected: by the
+    checkpoint's temporary path in the message, or by Orbax frames in the exception; other
+    asyncio errors pass."""
+    import logging
+    import sys
+
+    from llm_jax import console
+
+    def record(msg, exc_info=None):
+        return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1771, msg, (),
+                                 exc_info)
+
+    def orbax_error():  # an exception raised in a frame of Orbax's code
+        try:
+            exec(compile("raise ValueError('RESOURCE_EXHAUSTED')",
+                         "/site-packages/orbax/checkpoint/x.py", "exec"))
+        except ValueError:
+            return sys.exc_info()
+
+    keep = console._LibraryNoise().filter
+    assert not keep(record("_GatheringFuture exception was never retrieved\nfuture: <exception="
+                           "ValueError('Error writing \"w/checkpoints/20.orbax-checkpoint-tmp/"
+                           "state\": No space left on device')>"))
+    assert not keep(record("Task exception was never retrieved", orbax_error()))
+    assert keep(record("Task exception was never retrieved\nfuture: <ValueError('bad')>"))
+
+
 def test_stderr_filter_holds_a_traceback_cut_off_by_exit():
     import io
 
