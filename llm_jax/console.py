@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from typing import TextIO
 
@@ -15,10 +16,17 @@ from absl import logging as absl_logging
 _HEADER = "Traceback (most recent call last):"
 
 
+_LOOP_WORDS = {"RuntimeError", ":", "Event", "loop", "is", "closed"}
+
+
 def _closed_loop(line: str) -> bool:
-    """A line of a closed-loop traceback (its frames, source lines or exception)."""
-    return any(m in line for m in ("Event loop is closed", "in _check_closed",
-                                   "in call_soon_threadsafe", "self._check_closed()"))
+    """A line of a closed-loop traceback (its frames, source lines or exception), or, where
+    several threads' tracebacks interleave within a line, only fragments of its last line."""
+    if any(m in line for m in ("Event loop is closed", "in _check_closed",
+                               "in call_soon_threadsafe", "self._check_closed()")):
+        return True
+    words = line.replace(":", " : ").split()
+    return bool(words) and set(words) <= _LOOP_WORDS
 
 
 def one_line(e: BaseException) -> str:
@@ -67,6 +75,8 @@ class _DropClosedLoopTracebacks:
         return len(text)
 
     def _line(self, line: str) -> None:
+        if not line.strip() or (line.strip() == _HEADER and not line.startswith(_HEADER)):
+            return  # blank, or a header another thread's output pushed off column 0
         if line.startswith(_HEADER):
             self._flush_block()
             self._block = [line]
@@ -79,8 +89,10 @@ class _DropClosedLoopTracebacks:
 
     def _flush_block(self) -> None:
         # two threads' tracebacks can interleave: a block is the closed loop's if any of
-        # its lines says so, whichever line ended it
-        if self._block and not any(_closed_loop(x) for x in self._block):
+        # its lines says so, whichever line ended it; a lone header (its writer exited or
+        # was cut off before the first frame) says nothing
+        if (self._block and len(self._block) > 1
+                and not any(_closed_loop(x) for x in self._block)):
             self._stream.write("".join(self._block))
         self._block = None
 
@@ -94,10 +106,12 @@ class _DropClosedLoopTracebacks:
         self._stream.flush()
 
     def flush(self) -> None:
-        # A traceback still open here is another thread's, cut off mid-print: hold it, and
-        # a partial line that may be a traceback's first
-        if (self._partial and self._block is None
-                and not _HEADER.startswith(self._partial[:len(_HEADER)])):
+        # Hold a traceback still open here (another thread's, cut off mid-print) and a
+        # partial line unless it redraws a progress bar ("\r"): threads writing from C
+        # interleave closed-loop fragments that only a whole line shows to be noise
+        if (self._partial and self._block is None and "\r" in self._partial
+                and not _HEADER.startswith(self._partial[:len(_HEADER)])
+                and not _closed_loop(self._partial)):
             self._stream.write(self._partial)
             self._partial = ""
         self._stream.flush()
@@ -161,10 +175,23 @@ def _filter_fd2() -> None:
     _REAL_FD = real
 
 
+def _quiet_event_writer(args: threading.ExceptHookArgs) -> None:
+    """tensorboardX's writer thread dies printing its OSError (a full disk); the main thread
+    then reports it in one line (metrics.WriteError). Other threads' errors print as usual."""
+    frames = traceback.extract_tb(args.exc_traceback)
+    if not (issubclass(args.exc_type, OSError)
+            and any("/tensorboardX/" in f.filename for f in frames)):
+        _THREAD_HOOK(args)
+
+
+_THREAD_HOOK = threading.excepthook
+
+
 def quiet_libraries() -> None:
     """Warnings and errors only from absl users (Orbax, TFDS log each file at INFO)."""
     absl_logging.set_verbosity(absl_logging.WARNING)
     absl_logging.get_absl_handler().addFilter(_LibraryNoise())
+    threading.excepthook = _quiet_event_writer
     _filter_fd2()
     if _REAL_FD is None:  # fd 2 is not filtered: filter at least what Python writes
         sys.stderr = _DropClosedLoopTracebacks(sys.stderr)

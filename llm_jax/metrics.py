@@ -120,9 +120,11 @@ class Writer:
             _drop_records_after(path, resume_step)
             self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter  # TF-free event files
-            # purge_step hides events of steps redone after a resume
+            # purge_step hides events of steps redone after a resume; a queue that never
+            # fills, so a writer thread stopped by a full disk cannot block add_scalar
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                     purge_step=resume_step + 1 if resume_step else None)
+                                     purge_step=resume_step + 1 if resume_step else None,
+                                     max_queue=1 << 20)
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -135,6 +137,10 @@ class Writer:
             for k, v in values.items():
                 self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
             self._tb.flush()
+            worker = getattr(getattr(self._tb.file_writer, "event_writer", None), "_worker", None)
+            if worker is not None and not worker.is_alive():  # its error went to stderr
+                raise OSError(f"TensorBoard's writer thread for {self._workdir}/tensorboard "
+                              "stopped (a full disk?)")
 
     def close(self) -> None:
         if self.enabled:

@@ -3,8 +3,8 @@
 Thin on purpose: flags in, `trainer.run(config, workdir)` out. User errors (bad keys,
 values, meshes, missing data) end with exit code 2 and one line; tracebacks mean bugs.
 Exit codes: 0 done, 2 user error, 3 non-finite loss, 4 a checkpoint or the metrics could
-not be written, or no checkpoint restores, 75 preempted by SIGTERM after saving (rerun to
-continue).
+not be written while training, or no checkpoint restores, 75 preempted by SIGTERM after
+saving (rerun to continue).
 """
 from __future__ import annotations
 

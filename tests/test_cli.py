@@ -111,6 +111,26 @@ def test_asyncio_reports_of_failed_checkpoint_writes_are_dropped():
     assert keep(record("Task exception was never retrieved\nfuture: <ValueError('bad')>"))
 
 
+def test_stderr_filter_drops_closed_loop_fragments_interleaved_within_lines():
+    """Several C threads print closed-loop tracebacks at once: their lines interleave
+    mid-line and arrive in pieces; no piece of them gets through, progress redraws do."""
+    import io
+
+    from llm_jax import console
+    out = io.StringIO()
+    f = console._DropClosedLoopTracebacks(out)
+    for piece in ("self._check", "_closed()\n", "    RuntimeError        RuntimeError    : \n",
+                  "Traceback (most recent call last):\n", "\n", "    Traceback (most recent ",
+                  "call last):\n",
+                  "Event loop is closed    raise RuntimeError('Ev", "ent loop is closed')\n",
+                  ": Event loop", " is closed\n", "\r 10%|#"):
+        f.write(piece)
+        f.flush()  # the filter process flushes after every read
+    f.write("\r 20%|##\nerror: the one line\n")
+    f.close_blocks()
+    assert out.getvalue() == "\r 10%|#\r 20%|##\nerror: the one line\n"
+
+
 def test_stderr_filter_holds_a_traceback_cut_off_by_exit():
     import io
 
@@ -120,6 +140,13 @@ def test_stderr_filter_holds_a_traceback_cut_off_by_exit():
     f.write("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n")
     f.flush()  # another thread was still printing it when the process decided to exit
     assert out.getvalue() == ""
+    f.close_blocks()  # at the end of all output a cut-off traceback with a frame is written
+    assert out.getvalue() == "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+    lone = io.StringIO()
+    f = console._DropClosedLoopTracebacks(lone)
+    f.write("Traceback (most recent call last):\n")
+    f.close_blocks()  # a header alone, its writer gone before the first frame, says nothing
+    assert lone.getvalue() == ""
 
 
 def test_fd2_filter_process_drops_closed_loop_tracebacks_from_c_and_keeps_the_rest():
