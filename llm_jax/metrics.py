@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax import files
+from llm_jax.console import one_line
 from llm_jax.models.layers import ModelConfig
 
 # bf16 dense peak per chip, FLOP/s, keyed by a substring of jax.Device.device_kind.
@@ -155,8 +156,7 @@ class Writer:
         except OSError as e:
             at = f" at step {step}" if step is not None else ""
             raise WriteError(f"writing metrics to {self._workdir}{at} failed: "
-                             f"{' '.join(str(e).split())}; the checkpoints written so far "
-                             "are intact") from e
+                             f"{one_line(e)}; the checkpoints written so far are intact") from e
 
 
 def _drop_records_after(path: str, step: int) -> None:

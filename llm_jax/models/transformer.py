@@ -138,9 +138,8 @@ class DecoderLM(nn.Module):
     def __call__(self, batch: dict[str, Array], deterministic: bool = True,
                  logits: bool = True) -> dict[str, Array]:
         cfg, positions, seg = self.cfg, batch["positions"], batch["segment_ids"]
-        mask = segment_mask(seg, seg)
+        mask = segment_mask(seg, seg) if cfg.document_mask else None
         if not cfg.document_mask:  # one sequence per row, as GPT-2 trains on packed rows
-            mask = None
             positions = jnp.broadcast_to(jnp.arange(seg.shape[1]), seg.shape)
         embed = _embed(cfg)
         x = _enter(cfg, _positions(cfg, embed(batch["tokens"]), positions, "pos_embed"),
