@@ -1,7 +1,13 @@
 """`python -m llm_jax.benchmark` as a user runs it: the table, and the JSON it promises."""
+import importlib.util
 import json
+import re
 import subprocess
 import sys
+
+import pytest
+
+from llm_jax import config as config_lib
 
 
 def test_benchmark_cli_writes_consistent_json(tmp_path):
@@ -32,3 +38,36 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     scopes = [row[0] for row in res["profile_ops"]]
     for part in ("DecoderLM/decoder/layers/", "lm_head_loss ", "optimizer "):
         assert any(s.startswith(part) for s in scopes), (part, scopes)
+
+
+def _ab_step():
+    spec = importlib.util.spec_from_file_location("ab_step", "benchmarks/ab_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_step_overrides_are_typed_and_checked():
+    ab = _ab_step()
+    c = ab.with_overrides(config_lib.load_file("configs/tiny.py"),
+                          ["model.document_mask=false", "model.num_layers=1",
+                           "model.activation=relu", "optim.learning_rate=0.5"])
+    assert (c.model.document_mask, c.model.num_layers, c.model.activation) == (False, 1, "relu")
+    assert c.optim.learning_rate == 0.5
+    for bad in ("model.num_layrs=1", "modl.num_layers=1", "model.num_layers.x=1"):
+        with pytest.raises(SystemExit, match=r"unknown key; closest valid keys: .*model\."):
+            ab.with_overrides(config_lib.load_file("configs/tiny.py"), [bad])
+
+
+def test_ab_step_cli_times_both_builds():
+    r = subprocess.run(
+        [sys.executable, "benchmarks/ab_step.py", "--config", "configs/tiny.py",
+         "--b", "model.num_layers=1", "--rounds", "2", "--steps", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"A ([\d.]+) ms, B ([\d.]+) ms per step \(medians of 4\); B's tokens/s "
+                  r"([+-][\d.]+)% vs\. A's", r.stdout)
+    assert m, r.stdout
+    a, b, pct = map(float, m.groups())
+    assert b < a and pct > 0  # B got its override: one layer instead of tiny.py's two
+    assert abs(pct - 100 * (a / b - 1)) < 0.05 * pct + 2  # ms are printed rounded
