@@ -6,52 +6,66 @@ together. A/A runs of bench_small read -1.1% to +1.4% with 6-8 rounds (README,
 Performance): a difference inside about ±2% is noise.
 
     python benchmarks/ab_step.py --config configs/bench_small.py \
-        --b model.document_mask=false [--xla xla_cpu_ftz=true] [--rounds 8] [--steps 4]
+        --b model.document_mask=true [--xla xla_cpu_ftz=true] [--rounds 8] [--steps 4]
 
-B is the config with the --b overrides, compiled with the --xla compiler options; with
-neither, B equals A (the A/A check).
+B is the config with the --b overrides, compiled with the --xla compiler options (XLA flag
+names without the leading --); with neither, B equals A (the A/A check).
 """
+import llm_jax  # noqa: F401, I001  (first, as `python -m llm_jax.benchmark` loads it)
+
 import argparse
 import ast
 import statistics
+import sys
 import time
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax import objectives, trainer
+from llm_jax.overrides import UserError, parse_value
 
 
-def typed(raw: str, current: object) -> object:
-    """raw as the type of the value it replaces ('true'/'false' for bools)."""
-    if isinstance(current, bool) or raw.lower() in ("true", "false"):
-        return raw.lower() in ("true", "1")
+def with_overrides(config: ml_collections.ConfigDict,
+                   items: list[str]) -> ml_collections.ConfigDict:
+    """config with each KEY=VALUE in items set, typed as the value it replaces."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--b {item}: expected KEY=VALUE, e.g. model.document_mask=true")
+        if key not in config_lib.flat_keys(config):
+            raise UserError(f"--b {item}: unknown key; closest valid keys: "
+                            f"{config_lib.closest_keys(key, config)}")
+        parent, _, leaf = key.rpartition(".")
+        node = config_lib.get(config, parent) if parent else config
+        try:
+            value = parse_value(raw, node[leaf], key)
+            if node[leaf] is None:  # an unset option: a number, a bool or a string
+                value = typed_option(raw)
+            node[leaf] = value
+        except UserError as e:
+            raise UserError(str(e).replace("--config.", "--b ", 1)) from None
+        except TypeError as e:  # ml_collections refuses another type (e.g. a tuple's)
+            raise UserError(f"--b {item}: {e}") from None
+    return config
+
+
+def typed_option(raw: str) -> Any:
+    """An XLA option's value: true/false as bools, numbers as numbers, else the string."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return raw
 
 
-def with_overrides(config, items: list[str]):
-    """config with each KEY=VALUE in items set (typed as the value it replaces)."""
-    for item in items:
-        key, _, raw = item.partition("=")
-        parent, _, leaf = key.rpartition(".")
-        try:
-            node = config_lib.get(config, parent) if parent else config
-            known = leaf in node
-        except (KeyError, TypeError, AttributeError):  # a missing or non-dict parent
-            known = False
-        if not known:
-            raise SystemExit(f"--b {item}: unknown key; closest valid keys: "
-                             f"{config_lib.closest_keys(key, config)}")
-        node[leaf] = typed(raw, node[leaf])
-    return config
-
-
-def build(config, compiler_options: dict):
-    """The compiled train step, its initial state and a synthetic batch."""
+def build(config: ml_collections.ConfigDict, options: dict[str, Any]) -> tuple:
+    """(the compiled train step, its initial state, a synthetic batch, tokens per step,
+    parameter count)."""
     import flax.linen as nn
     tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config))
     t = config.train
@@ -62,30 +76,47 @@ def build(config, compiler_options: dict):
                                                 tr.rules)
         fn = trainer.jit_train_step(tr.model, tr.objective, tr.tx, tr.lr, t, state_sh,
                                     tr.batch_sh)
-        return fn.lower(state, batch).compile(compiler_options or None), state, batch
+        compiled = fn.lower(state, batch).compile(options or None)
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    return compiled, state, batch, tr.tokens_per_step, params
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides for B, e.g. model.document_mask=false")
-    p.add_argument("--xla", nargs="*", default=[], metavar="OPTION=VALUE",
+    p.add_argument("--b", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides for B, e.g. model.document_mask=true")
+    p.add_argument("--xla", nargs="+", action="extend", default=[], metavar="OPTION=VALUE",
                    help="XLA compiler options for B, e.g. xla_cpu_ftz=true")
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=8, help="an even number: ABBA...")
     p.add_argument("--steps", type=int, default=4, help="steps per build and round")
     args = p.parse_args()
-    if args.rounds < 2:
-        p.error(f"--rounds={args.rounds}: use 2 or more (A and B alternate in order)")
-    config_a = config_lib.load_file(args.config)
-    config_b = with_overrides(config_lib.load_file(args.config), args.b)
-    options = {k: typed(v, None) for k, _, v in (o.partition("=") for o in args.xla)}
-    builds = {"A": build(config_a, {}), "B": build(config_b, options)}
+    if args.rounds < 2 or args.rounds % 2:
+        p.error(f"--rounds={args.rounds}: use an even number, 2 or more (ABBA...)")
+    if args.steps < 1:
+        p.error(f"--steps={args.steps}: use 1 or more")
+    options = {}
+    for item in args.xla:
+        name, sep, raw = item.partition("=")
+        if not sep or name.startswith("-"):
+            p.error(f"--xla {item}: expected OPTION=VALUE, the XLA flag's name without "
+                    f"the leading --, e.g. xla_cpu_ftz=true")
+        options[name] = typed_option(raw)
+    try:
+        config_a = config_lib.load_file(args.config)
+        config_b = with_overrides(config_lib.load_file(args.config), args.b)
+        for c in (config_a, config_b):
+            config_lib.validate(c)
+        builds = {"B": build(config_b, options)}  # B first: its mistakes show at once
+    except (UserError, config_lib.ConfigError, jax.errors.JaxRuntimeError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    builds["A"] = build(config_a, {})
     states = {k: b[1] for k, b in builds.items()}
     times: dict[str, list[float]] = {"A": [], "B": []}
 
     def run(k: str, n: int, record: bool) -> None:
-        compiled, _, batch = builds[k]
+        compiled, _, batch, _, _ = builds[k]
         for _ in range(n):
             start = time.perf_counter()
             states[k], metrics = compiled(states[k], batch)
@@ -98,15 +129,18 @@ def main() -> None:
     for r in range(args.rounds):
         for k in ("AB" if r % 2 == 0 else "BA"):
             run(k, args.steps, True)
-    a, b = statistics.median(times["A"]), statistics.median(times["B"])
-    n = args.steps  # each round's own A/B ratio; their middle half shows the noise
-    per_round = [100 * (statistics.median(times["A"][i:i + n])
-                        / statistics.median(times["B"][i:i + n]) - 1)
+    tokens = {k: builds[k][3] for k in "AB"}  # tokens/s, in case B changes the batch shape
+    rate = {k: tokens[k] / statistics.median(times[k]) for k in "AB"}
+    n = args.steps  # each round's own B/A ratio; their middle half shows the noise
+    per_round = [100 * ((tokens["B"] / statistics.median(times["B"][i:i + n]))
+                        / (tokens["A"] / statistics.median(times["A"][i:i + n])) - 1)
                  for i in range(0, len(times["A"]), n)]
-    q1, _, q3 = statistics.quantiles(per_round, n=4)
-    print(f"A {a * 1e3:.1f} ms, B {b * 1e3:.1f} ms per step (medians of {len(times['A'])}); "
-          f"B's tokens/s {100 * (a / b - 1):+.1f}% vs. A's (middle half of the rounds: "
-          f"{q1:+.1f}% to {q3:+.1f}%)")
+    q1, _, q3 = statistics.quantiles(per_round, n=4, method="inclusive")
+    print(f"B: {' '.join(args.b + args.xla) or 'the same as A'}; parameters A "
+          f"{builds['A'][4]:,}, B {builds['B'][4]:,}")
+    print(f"A {rate['A']:,.0f}, B {rate['B']:,.0f} tokens/s (medians of {len(times['A'])} "
+          f"steps); B {100 * (rate['B'] / rate['A'] - 1):+.1f}% vs. A (middle half of the "
+          f"rounds: {q1:+.1f}% to {q3:+.1f}%)")
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ def _load(path: str) -> ml_collections.ConfigDict:
         raise UserError(f"--config={path} failed to load: {type(e).__name__}: {e}") from None
 
 
-def _parse_value(raw: str, current: object, key: str) -> None:
-    """Raises UserError if raw cannot become the type of the current value."""
+def parse_value(raw: str, current: object, key: str) -> object:
+    """raw as the type of the value it overrides; UserError if it cannot be one."""
     if isinstance(current, bool):
         if raw.lower() not in ("true", "false", "1", "0"):
             raise UserError(f"--config.{key}={raw!r}: expected true or false")
-        return
+        return raw.lower() in ("true", "1")
     if isinstance(current, (int, float)):
         try:
             value = ast.literal_eval(raw)
@@ -43,6 +43,8 @@ def _parse_value(raw: str, current: object, key: str) -> None:
         if not ok:
             kind = type(current).__name__
             raise UserError(f"--config.{key}={raw!r}: expected {kind} (now {current!r})")
+        return type(current)(value)
+    return raw
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -69,4 +71,4 @@ def check_overrides(argv: list[str]) -> None:
         if key not in keys:
             raise UserError(f"--config.{key}: unknown key; closest valid keys: "
                             f"{closest_keys(key, config)}")
-        _parse_value(raw, get(config, key), key)
+        parse_value(raw, get(config, key), key)

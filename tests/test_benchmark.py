@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax.overrides import UserError
 
 
 def test_benchmark_cli_writes_consistent_json(tmp_path):
@@ -53,21 +54,32 @@ def test_ab_step_overrides_are_typed_and_checked():
                           ["model.document_mask=false", "model.num_layers=1",
                            "model.activation=relu", "optim.learning_rate=0.5"])
     assert (c.model.document_mask, c.model.num_layers, c.model.activation) == (False, 1, "relu")
-    assert c.optim.learning_rate == 0.5
-    for bad in ("model.num_layrs=1", "modl.num_layers=1", "model.num_layers.x=1"):
-        with pytest.raises(SystemExit, match=r"unknown key; closest valid keys: .*model\."):
+    assert c.optim.learning_rate == 0.5 and isinstance(c.model.num_layers, int)
+    for bad, says in (("model.num_layrs=1", r"unknown key; closest valid keys: .*num_layers"),
+                      ("model.activation.e=1", "unknown key"),
+                      ("model=1", "unknown key"),
+                      ("model.document_mask=flase", "model.document_mask='flase': expected true"),
+                      ("model.num_layers=1.5", "model.num_layers='1.5': expected int"),
+                      ("model.num_layers=true", "expected int"),
+                      ("model.document_mask", "expected KEY=VALUE")):
+        with pytest.raises(UserError, match=says):
             ab.with_overrides(config_lib.load_file("configs/tiny.py"), [bad])
 
 
-def test_ab_step_cli_times_both_builds():
-    r = subprocess.run(
-        [sys.executable, "benchmarks/ab_step.py", "--config", "configs/tiny.py",
-         "--b", "model.num_layers=1", "--rounds", "2", "--steps", "2"],
-        capture_output=True, text=True, timeout=300)
+def test_ab_step_cli_times_both_builds_and_refuses_bad_options():
+    cmd = [sys.executable, "benchmarks/ab_step.py", "--config", "configs/tiny.py"]
+    r = subprocess.run(cmd + ["--b", "model.num_layers=1", "--rounds", "2", "--steps", "2"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    m = re.search(r"A ([\d.]+) ms, B ([\d.]+) ms per step \(medians of 4\); B's tokens/s "
-                  r"([+-][\d.]+)% vs\. A's", r.stdout)
+    m = re.search(r"B: model.num_layers=1; parameters A ([\d,]+), B ([\d,]+)\n"
+                  r"A [\d,]+, B [\d,]+ tokens/s \(medians of 4 steps\); B [+-][\d.]+% vs\. A "
+                  r"\(middle half of the rounds: [+-][\d.]+% to [+-][\d.]+%\)", r.stdout)
     assert m, r.stdout
-    a, b, pct = map(float, m.groups())
-    assert b < a and pct > 0  # B got its override: one layer instead of tiny.py's two
-    assert abs(pct - 100 * (a / b - 1)) < 0.05 * pct + 2  # ms are printed rounded
+    a, b = (int(x.replace(",", "")) for x in m.groups())
+    assert b < a  # B got its override: one layer instead of tiny.py's two
+    for args, says in ((["--xla", "xla_cpu_no_such_option=true"], "xla_cpu_no_such_option"),
+                       (["--b", "model.activation=relux"], "relux"),
+                       (["--rounds", "3"], "even number")):
+        r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and says in last and "Traceback" not in r.stderr, r.stderr
