@@ -1,6 +1,7 @@
 """`python -m llm_jax.benchmark` as a user runs it: the table, and the JSON it promises."""
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -68,8 +69,11 @@ def test_ab_step_overrides_are_typed_and_checked():
 
 def test_ab_step_cli_times_both_builds_and_refuses_bad_options():
     cmd = [sys.executable, "benchmarks/ab_step.py", "--config", "configs/tiny.py"]
+    # a script's sys.path starts at benchmarks/: find llm_jax here even when not installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run(cmd + ["--b", "model.num_layers=1", "--rounds", "2", "--steps", "2"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r"B: model.num_layers=1; parameters A ([\d,]+), B ([\d,]+)\n"
                   r"A [\d,]+, B [\d,]+ tokens/s \(medians of 4 steps\); B [+-][\d.]+% vs\. A "
@@ -80,6 +84,6 @@ def test_ab_step_cli_times_both_builds_and_refuses_bad_options():
     for args, says in ((["--xla", "xla_cpu_no_such_option=true"], "xla_cpu_no_such_option"),
                        (["--b", "model.activation=relux"], "relux"),
                        (["--rounds", "3"], "even number")):
-        r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, env=env)
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and says in last and "Traceback" not in r.stderr, r.stderr
