@@ -1,4 +1,5 @@
-"""`python -m llm_jax.benchmark` as a user runs it: the table, and the JSON it promises."""
+"""`python -m llm_jax.benchmark` and `benchmarks/ab_step.py` as a user runs them: the
+table and the JSON the benchmark promises; the A/B script's overrides, output and errors."""
 import importlib.util
 import json
 import os
