@@ -22,11 +22,10 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from llm_jax import config as config_lib
-from llm_jax import objectives, trainer
-from llm_jax.overrides import UserError, parse_value
+from llm_jax.trainer import compile_train_step
+from llm_jax.overrides import UserError, check_key, parse_value
 
 
 def with_overrides(config: ml_collections.ConfigDict,
@@ -36,18 +35,13 @@ def with_overrides(config: ml_collections.ConfigDict,
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"--b {item}: expected KEY=VALUE, e.g. model.document_mask=true")
-        if key not in config_lib.flat_keys(config):
-            raise UserError(f"--b {item}: unknown key; closest valid keys: "
-                            f"{config_lib.closest_keys(key, config)}")
+        check_key(config, key, flag="--b ")
         parent, _, leaf = key.rpartition(".")
         node = config_lib.get(config, parent) if parent else config
+        value = parse_value(raw, node[leaf], key, flag="--b ")
         try:
-            value = parse_value(raw, node[leaf], key)
-            if node[leaf] is None:  # an unset option: a number, a bool or a string
-                value = typed_option(raw)
-            node[leaf] = value
-        except UserError as e:
-            raise UserError(str(e).replace("--config.", "--b ", 1)) from None
+            # an unset option (None) takes a number, a bool or a string
+            node[leaf] = typed_option(raw) if node[leaf] is None else value
         except TypeError as e:  # ml_collections refuses another type (e.g. a tuple's)
             raise UserError(f"--b {item}: {e}") from None
     return config
@@ -61,24 +55,6 @@ def typed_option(raw: str) -> Any:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return raw
-
-
-def build(config: ml_collections.ConfigDict, options: dict[str, Any]) -> tuple:
-    """(the compiled train step, its initial state, a synthetic batch, tokens per step,
-    parameter count)."""
-    import flax.linen as nn
-    tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config))
-    t = config.train
-    batch = jax.device_put(objectives.dummy_batch(config, t.batch_size, np.random.default_rng(0),
-                                                  tr.model_cfg.vocab_size), tr.batch_sh)
-    with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules):
-        state, state_sh, _ = trainer.init_state(tr.model, tr.tx, tr.example, t.seed, tr.mesh,
-                                                tr.rules)
-        fn = trainer.jit_train_step(tr.model, tr.objective, tr.tx, tr.lr, t, state_sh,
-                                    tr.batch_sh)
-        compiled = fn.lower(state, batch).compile(options or None)
-    params = sum(x.size for x in jax.tree.leaves(state.params))
-    return compiled, state, batch, tr.tokens_per_step, params
 
 
 def main() -> None:
@@ -107,19 +83,18 @@ def main() -> None:
         config_b = with_overrides(config_lib.load_file(args.config), args.b)
         for c in (config_a, config_b):
             config_lib.validate(c)
-        builds = {"B": build(config_b, options)}  # B first: its mistakes show at once
+        builds = {"B": compile_train_step(config_b, options)}  # B first: mistakes show at once
     except (UserError, config_lib.ConfigError, jax.errors.JaxRuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
-    builds["A"] = build(config_a, {})
-    states = {k: b[1] for k, b in builds.items()}
+    builds["A"] = compile_train_step(config_a)
+    states = {k: b.state for k, b in builds.items()}
     times: dict[str, list[float]] = {"A": [], "B": []}
 
     def run(k: str, n: int, record: bool) -> None:
-        compiled, _, batch, _, _ = builds[k]
         for _ in range(n):
             start = time.perf_counter()
-            states[k], metrics = compiled(states[k], batch)
+            states[k], metrics = builds[k].compiled(states[k], builds[k].batch)
             jax.block_until_ready((states[k], metrics))
             if record:
                 times[k].append(time.perf_counter() - start)
@@ -129,15 +104,17 @@ def main() -> None:
     for r in range(args.rounds):
         for k in ("AB" if r % 2 == 0 else "BA"):
             run(k, args.steps, True)
-    tokens = {k: builds[k][3] for k in "AB"}  # tokens/s, in case B changes the batch shape
+    # tokens/s of each build's own shapes, in case B changes them
+    tokens = {k: builds[k].trainer.tokens_per_step for k in "AB"}
     rate = {k: tokens[k] / statistics.median(times[k]) for k in "AB"}
     n = args.steps  # each round's own B/A ratio; their middle half shows the noise
     per_round = [100 * ((tokens["B"] / statistics.median(times["B"][i:i + n]))
                         / (tokens["A"] / statistics.median(times["A"][i:i + n])) - 1)
                  for i in range(0, len(times["A"]), n)]
     q1, _, q3 = statistics.quantiles(per_round, n=4, method="inclusive")
+    params = {k: sum(x.size for x in jax.tree.leaves(st.params)) for k, st in states.items()}
     print(f"B: {' '.join(args.b + args.xla) or 'the same as A'}; parameters A "
-          f"{builds['A'][4]:,}, B {builds['B'][4]:,}")
+          f"{params['A']:,}, B {params['B']:,}")
     print(f"A {rate['A']:,.0f}, B {rate['B']:,.0f} tokens/s (medians of {len(times['A'])} "
           f"steps); B {100 * (rate['B'] / rate['A'] - 1):+.1f}% vs. A (middle half of the "
           f"rounds: {q1:+.1f}% to {q3:+.1f}%)")

@@ -60,24 +60,18 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
     import jax
     import numpy as np
 
-    from llm_jax import metrics, objectives, op_profile, trainer
+    from llm_jax import metrics, op_profile, trainer
 
-    tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config))
-    t, seq, cfg = config.train, config.data.seq_len, tr.model_cfg
-    mesh, rules, model, tx, lr, batch_sh = tr.mesh, tr.rules, tr.model, tr.tx, tr.lr, tr.batch_sh
-    batch = jax.device_put(objectives.dummy_batch(config, t.batch_size, np.random.default_rng(0),
-                                                  cfg.vocab_size), batch_sh)
+    t, seq = config.train, config.data.seq_len
     res: dict = {"config": config.model.to_dict(), "devices": jax.device_count(),
                  "device_kind": jax.devices()[0].device_kind, "batch_size": t.batch_size,
                  "seq_len": seq, "steps": steps, "warmup_steps": warmup}
     logging.info("benchmark: %d %s device(s); initializing and compiling the train step",
                  jax.device_count(), res["device_kind"])
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        start = time.perf_counter()
-        state, state_sh, _ = trainer.init_state(model, tx, tr.example, t.seed, mesh, rules)
-        train_fn = trainer.jit_train_step(model, tr.objective, tx, lr, t, state_sh, batch_sh)
-        compiled = train_fn.lower(state, batch).compile()
-        res["compile_s"] = time.perf_counter() - start
+    tr, compiled, state, state_sh, batch, res["compile_s"] = trainer.compile_train_step(
+        config)
+    cfg = tr.model_cfg
+    with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules):
         logging.info("benchmark: compiled in %.1f s; timing %d train steps", res["compile_s"],
                      steps)
         holder = {"state": state}
@@ -105,8 +99,8 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
         res["first_step_s"] = res["compile_s"] + first
         logging.info("benchmark: train step median %.3f s; timing the eval step",
                      statistics.median(times))
-        eval_fn = trainer.jit_eval_step(model, tr.objective, np.ones(cfg.vocab_size),
-                                        state_sh.params, batch_sh)
+        eval_fn = trainer.jit_eval_step(tr.model, tr.objective, np.ones(cfg.vocab_size),
+                                        state_sh.params, tr.batch_sh)
         _, eval_times, _ = time_steps(eval_fn, lambda _: (holder["state"].params, batch), steps,
                                       warmup)
     tokens_per_step = tr.tokens_per_step

@@ -135,12 +135,9 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise self._failed(e) from e
-
-    def _failed(self, e: BaseException) -> CheckpointError:
-        return CheckpointError(f"saving checkpoint {self._pending} in {self.directory} "
-                               f"failed: {type(e).__name__}: {_short(e)}; the earlier "
-                               "checkpoints are intact")
+            raise CheckpointError(f"saving checkpoint {self._pending} in {self.directory} "
+                                  f"failed: {type(e).__name__}: {_short(e)}; the earlier "
+                                  "checkpoints are intact") from e
 
     def wait_and_latest(self) -> int | None:
         self.wait()
@@ -149,9 +146,7 @@ class Checkpointer:
     def close(self) -> None:
         """Waits for the last save, then closes; raises CheckpointError if the save failed."""
         try:
-            self.manager.wait_until_finished()
-        except Exception as e:
-            raise self._failed(e) from e
+            self.wait()
         finally:
             self.manager.close()
 

@@ -26,11 +26,18 @@ def _load(path: str) -> ml_collections.ConfigDict:
         raise UserError(f"--config={path} failed to load: {type(e).__name__}: {e}") from None
 
 
-def parse_value(raw: str, current: object, key: str) -> object:
+def check_key(config: ml_collections.ConfigDict, key: str, flag: str = "--config.") -> None:
+    """UserError naming the closest valid keys if `key` is not one of the config's."""
+    if key not in flat_keys(config):
+        raise UserError(f"{flag}{key}: unknown key; closest valid keys: "
+                        f"{closest_keys(key, config)}")
+
+
+def parse_value(raw: str, current: object, key: str, flag: str = "--config.") -> object:
     """raw as the type of the value it overrides; UserError if it cannot be one."""
     if isinstance(current, bool):
         if raw.lower() not in ("true", "false", "1", "0"):
-            raise UserError(f"--config.{key}={raw!r}: expected true or false")
+            raise UserError(f"{flag}{key}={raw!r}: expected true or false")
         return raw.lower() in ("true", "1")
     if isinstance(current, (int, float)):
         try:
@@ -42,7 +49,7 @@ def parse_value(raw: str, current: object, key: str) -> object:
             ok = False
         if not ok:
             kind = type(current).__name__
-            raise UserError(f"--config.{key}={raw!r}: expected {kind} (now {current!r})")
+            raise UserError(f"{flag}{key}={raw!r}: expected {kind} (now {current!r})")
         return type(current)(value)
     return raw
 
@@ -66,9 +73,6 @@ def check_overrides(argv: list[str]) -> None:
             raise UserError("--config.* overrides need --config=configs/NAME.py")
         return
     config = _load(path)
-    keys = set(flat_keys(config))
     for key, raw in overrides:
-        if key not in keys:
-            raise UserError(f"--config.{key}: unknown key; closest valid keys: "
-                            f"{closest_keys(key, config)}")
+        check_key(config, key)
         parse_value(raw, get(config, key), key)

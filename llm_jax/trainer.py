@@ -4,10 +4,11 @@ No math lives here: losses and updates are in steps.py, FLOPs in metrics.py.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -178,6 +179,31 @@ def synthetic_vocab(config: ml_collections.ConfigDict) -> int:
     return config.data.vocab_size + len(tokenizer.SPECIALS) + tokenizer.NUM_SENTINELS
 
 
+class TrainStep(NamedTuple):
+    trainer: Trainer  # mesh, rules, model, objective, shardings, FLOPs
+    compiled: Any
+    state: Any
+    state_sh: Any
+    batch: Any  # synthetic tokens of the configured shapes
+    compile_s: float  # initializing the state, tracing and compiling
+
+
+def compile_train_step(config: ml_collections.ConfigDict,
+                       compiler_options: dict[str, Any] | None = None) -> TrainStep:
+    """The config's real train step (model, optimizer, shardings, donation), compiled for a
+    synthetic batch, with its initial state; `compiler_options` are XLA's."""
+    tr = Trainer(config, "", vocab_size=synthetic_vocab(config))
+    t = config.train
+    batch = jax.device_put(objectives.dummy_batch(config, t.batch_size, np.random.default_rng(0),
+                                                  tr.model_cfg.vocab_size), tr.batch_sh)
+    with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules):
+        start = time.perf_counter()
+        state, state_sh, _ = init_state(tr.model, tr.tx, tr.example, t.seed, tr.mesh, tr.rules)
+        train_fn = jit_train_step(tr.model, tr.objective, tr.tx, tr.lr, t, state_sh, tr.batch_sh)
+        compiled = train_fn.lower(state, batch).compile(compiler_options or None)
+        return TrainStep(tr, compiled, state, state_sh, batch, time.perf_counter() - start)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains to config.train.steps (resuming from WORKDIR/checkpoints) and evaluates."""
     t0 = time.perf_counter()
@@ -196,10 +222,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         except checkpoint.CheckpointError:
             raise  # closing a manager whose writes failed only adds noise
         except BaseException:
-            try:
+            # the error in flight says why the run stopped (e.g. a full disk)
+            with contextlib.suppress(checkpoint.CheckpointError):
                 ckpt.close()
-            except checkpoint.CheckpointError:
-                pass  # the error in flight says why the run stopped (e.g. a full disk)
             raise
         ckpt.close()
         return result
