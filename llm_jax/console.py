@@ -75,8 +75,14 @@ class _DropClosedLoopTracebacks:
         return len(text)
 
     def _line(self, line: str) -> None:
-        if not line.strip() or (line.strip() == _HEADER and not line.startswith(_HEADER)):
-            return  # blank, or a header another thread's output pushed off column 0
+        at = line.find(_HEADER)
+        if at > 0:  # another thread's fragment, then a header, within one line: judge apart
+            self._line(line[:at] + "\n")
+            line = line[at:]
+        if not line.strip():
+            return
+        if self._block == [_HEADER + "\n"] and not line.startswith((" ", "\t")):
+            self._block = None  # a header whose frames never came (its writer was cut off)
         if line.startswith(_HEADER):
             self._flush_block()
             self._block = [line]

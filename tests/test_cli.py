@@ -123,7 +123,8 @@ def test_stderr_filter_drops_closed_loop_fragments_interleaved_within_lines():
                   "Traceback (most recent call last):\n", "\n", "    Traceback (most recent ",
                   "call last):\n",
                   "Event loop is closed    raise RuntimeError('Ev", "ent loop is closed')\n",
-                  ": Event loop", " is closed\n", "\r 10%|#"):
+                  ": Event loop", " is closed\n", "RuntimeError",
+                  "Traceback (most recent call last):\n", "\r 10%|#"):
         f.write(piece)
         f.flush()  # the filter process flushes after every read
     f.write("\r 20%|##\nerror: the one line\n")
