@@ -2,11 +2,12 @@
 
 On a shared VM whose speed drifts by ±10% over an hour, separate benchmark runs cannot
 resolve a few-% change; two compiled steps timed in alternating rounds (ABBA...) drift
-together. A/A runs of bench_small read -1.1% to +1.4% with 6-8 rounds (README,
-Performance): a difference inside about ±2% is noise.
+together. A/A runs of bench_small read -1.1% to +1.4% with 8 rounds, +0.5% and +1.1% with
+20 (the default); one 8-round run read +8.1% for a change that 20-round runs put at +0.5%
+and +0.6% (README, Performance): a difference inside about ±2% is noise.
 
     python benchmarks/ab_step.py --config configs/bench_small.py \
-        --b model.document_mask=true [--xla xla_cpu_ftz=true] [--rounds 8] [--steps 4]
+        --b model.document_mask=true [--xla xla_cpu_ftz=true] [--rounds 20] [--steps 4]
 
 B is the config with the --b overrides, compiled with the --xla compiler options (XLA flag
 names without the leading --); with neither, B equals A (the A/A check).
@@ -64,7 +65,7 @@ def main() -> None:
                    help="config overrides for B, e.g. model.document_mask=true")
     p.add_argument("--xla", nargs="+", action="extend", default=[], metavar="OPTION=VALUE",
                    help="XLA compiler options for B, e.g. xla_cpu_ftz=true")
-    p.add_argument("--rounds", type=int, default=8, help="an even number: ABBA...")
+    p.add_argument("--rounds", type=int, default=20, help="an even number: ABBA...")
     p.add_argument("--steps", type=int, default=4, help="steps per build and round")
     args = p.parse_args()
     if args.rounds < 2 or args.rounds % 2:
