@@ -26,7 +26,7 @@ import ml_collections
 
 from llm_jax import config as config_lib
 from llm_jax.trainer import compile_train_step
-from llm_jax.overrides import UserError, check_key, parse_value
+from llm_jax.overrides import UserError, check_key, load, parse_value
 
 
 def with_overrides(config: ml_collections.ConfigDict,
@@ -79,9 +79,14 @@ def main() -> None:
             p.error(f"--xla {item}: expected OPTION=VALUE, the XLA flag's name without "
                     f"the leading --, e.g. xla_cpu_ftz=true")
         options[name] = typed_option(raw)
+        target = name.split("_")[1] if name.startswith("xla_") else ""
+        platform = jax.devices()[0].platform
+        if target in ("cpu", "gpu", "tpu") and target != platform.replace("cuda", "gpu"):
+            p.error(f"--xla {item}: a {target.upper()} option, and this runs on "
+                    f"{platform.upper()}; XLA would ignore it")
     try:
-        config_a = config_lib.load_file(args.config)
-        config_b = with_overrides(config_lib.load_file(args.config), args.b)
+        config_a = load(args.config)
+        config_b = with_overrides(load(args.config), args.b)
         for c in (config_a, config_b):
             config_lib.validate(c)
         builds = {"B": compile_train_step(config_b, options)}  # B first: mistakes show at once

@@ -106,7 +106,7 @@ def compile_report(config: ml_collections.ConfigDict,
 def format_report(r: dict[str, Any]) -> str:
     mb = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
     rows = [("mesh", str(r["mesh"])), ("device kind", r["device_kind"]),
-            ("parameters", f"{r['params'] / 1e6:,.1f}M"), ("compile", f"{r['compile_s']:.1f} s"),
+            ("parameters", f"{r['params']:,}"), ("compile", f"{r['compile_s']:.1f} s"),
             ("params / device", mb(r["params_bytes"])),
             ("optimizer state / device", mb(r["optimizer_bytes"])),
             ("batch / device", mb(r["batch_bytes"])),

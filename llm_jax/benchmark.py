@@ -16,6 +16,10 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llm_jax import console, files
+from llm_jax.console import one_line
+from llm_jax.overrides import UserError, check_overrides
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after warm-up.")
@@ -156,15 +160,44 @@ def format_table(res: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def check_flags(fv: flags.FlagValues) -> None:
+    """UserError, in one line, for flags that would fail only after compiling and timing."""
+    if fv.config is None:
+        raise UserError("--config=configs/NAME.py is needed")
+    if fv.steps < 1:
+        raise UserError(f"--steps={fv.steps}: time 1 or more steps")
+    if fv.warmup < 0:
+        raise UserError(f"--warmup={fv.warmup}: use 0 or more untimed steps")
+    if fv.json and (why := files.unwritable(fv.json)):
+        raise UserError(f"--json={fv.json}: cannot write there ({why}); name a file in an "
+                        "existing, writable directory")
+    if fv.profile and (why := files.unwritable(fv.profile, directory=True)):
+        raise UserError(f"--profile={fv.profile}: cannot write a trace there ({why}); name a "
+                        "writable directory")
+
+
+def _flags_parser(argv: list[str]) -> list[str]:
+    try:
+        check_overrides(argv)
+        try:
+            flags.FLAGS(argv)
+        except flags.Error as e:
+            raise UserError(one_line(e)) from None
+        check_flags(flags.FLAGS)
+    except UserError as e:
+        console.error(str(e))
+        sys.exit(2)
+    return argv[:1]
+
+
 def main(argv: list[str]) -> None:
     del argv
-    from llm_jax import files
     from llm_jax.config import ConfigError
     try:
         res = benchmark(_CONFIG.value, _STEPS.value, _PIPELINE.value, _WARMUP.value,
                         _PROFILE.value)
     except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
+        console.error(str(e))
         sys.exit(2)
     print(format_table(res))
     if "profile_step_s" in res:
@@ -183,4 +216,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_flags_parser)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import uuid
 
 
@@ -18,3 +19,25 @@ def write_atomic(path: str, data: str | bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def unwritable(path: str, directory: bool = False) -> str | None:
+    """Why a file cannot be written at `path` (with `directory`: into the directory `path`,
+    made if missing), or None. Found by trying: os.access says yes to root even on /proc."""
+    try:
+        if directory:
+            if os.path.exists(path) and not os.path.isdir(path):
+                return "it is a file, not a directory"
+            os.makedirs(path, exist_ok=True)
+            where = path
+        else:
+            if os.path.isdir(path):
+                return "it is a directory"
+            where = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(where):
+                return f"{where} does not exist"
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None

@@ -4,10 +4,10 @@
 Each op's self time (without the ops nested in it) is taken from the trace and grouped by
 the scope in its HLO metadata, layer numbers folded and forward apart from backward:
 `DecoderLM/decoder/layer_*/mlp/wi dot_general (bwd)`; "bwd" is every op of the backward
-pass, forward ops that remat recomputes there included. Loops and conditionals are left
-out: their time is their body's. On accelerators only device-side events count; on CPU,
-ops that run side by side on the host's threads each count in full, so shares are of the
-summed op time, not of the wall clock.
+pass, forward ops that remat recomputes there included; the optimizer's ops carry no tag.
+Loops and conditionals are left out: their time is their body's. On accelerators only
+device-side events count; on CPU, ops that run side by side on the host's threads each
+count in full, so shares are of the summed op time, not of the wall clock.
 """
 from __future__ import annotations
 
@@ -51,8 +51,10 @@ def op_scopes(hlo_text: str) -> dict[str, str | None]:
         parts = [w.group(1) if (w := _WRAPPED.fullmatch(p)) else p for p in path]
         parts = [re.sub(r"^(layer|layers)_\d+$", r"\1_*", p)
                  for p in parts if p and not _WRAPPERS.match(p)]
-        side = "bwd" if "transpose(" in name else "fwd"
-        scopes[m.group(1)] = f"{'/'.join(parts) or '(top)'} {prim} ({side})"
+        # autodiff wraps the forward in jvp(...) and the backward in transpose(...); the
+        # optimizer's and the metrics' ops are neither
+        side = " (bwd)" if "transpose(" in name else " (fwd)" if "jvp(" in name else ""
+        scopes[m.group(1)] = f"{'/'.join(parts) or '(top)'} {prim}{side}"
     return scopes
 
 

@@ -14,7 +14,8 @@ class UserError(ValueError):
     """A mistake on the command line; reported in one line with exit code 2."""
 
 
-def _load(path: str) -> ml_collections.ConfigDict:
+def load(path: str) -> ml_collections.ConfigDict:
+    """get_config() of a config file; UserError in one line if it is missing or broken."""
     if not os.path.isfile(path):
         raise UserError(f"--config={path}: no such file; pick one in configs/")
     spec = importlib.util.spec_from_file_location("_llm_jax_config", path)
@@ -72,7 +73,7 @@ def check_overrides(argv: list[str]) -> None:
         if overrides:
             raise UserError("--config.* overrides need --config=configs/NAME.py")
         return
-    config = _load(path)
+    config = load(path)
     for key, raw in overrides:
         check_key(config, key)
         parse_value(raw, get(config, key), key)

@@ -22,13 +22,15 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
     if -1 in sizes:
         if num_devices % known:
             raise ConfigError(
-                f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
-                f"divisible by the fixed sizes' product {known}")
+                f"config.mesh {dict(zip(MESH_AXES, sizes))}: the fixed sizes' product {known} "
+                f"does not divide the {num_devices} device(s) present; use sizes whose product "
+                f"divides {num_devices}, or `llm_jax.train --compile_only` to plan a larger mesh")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ConfigError(
             f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
-            f"{num_devices} are present; set one of mesh.data/fsdp/tensor to -1")
+            f"{num_devices} are present; set one of mesh.data/fsdp/tensor to -1, or use "
+            f"`llm_jax.train --compile_only` to plan a larger mesh")
     return tuple(sizes)
 
 

@@ -50,8 +50,10 @@ def parse_args(argv: list[str], fv: flags.FlagValues) -> tuple[ml_collections.Co
         fv(argv)
     except flags.Error as e:
         raise UserError(one_line(e)) from None
-    if fv.config is None or not fv.workdir:
-        raise UserError("both --config=configs/NAME.py and --workdir=DIR are needed")
+    if fv.config is None:
+        raise UserError("--config=configs/NAME.py is needed")
+    if not fv.workdir and not (fv.compile_only or fv.topology):  # compiling writes nothing
+        raise UserError("--workdir=DIR is needed to train (--compile_only needs none)")
     return fv.config, fv.workdir
 
 

@@ -43,6 +43,25 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
         assert any(s.startswith(part) for s in scopes), (part, scopes)
 
 
+def test_benchmark_cli_refuses_bad_flags_in_one_line_before_compiling(tmp_path):
+    """Mistakes that would otherwise surface after minutes of compiling and timing."""
+    (tmp_path / "file").write_text("x")
+    cmd = [sys.executable, "-m", "llm_jax.benchmark"]
+    for args, says in ((["--config", "configs/tiny.py", "--steps", "0"], "--steps=0"),
+                       (["--config", "configs/tiny.py", "--json", str(tmp_path / "no" / "o.json")],
+                        "does not exist"),
+                       (["--config", "configs/tiny.py", "--profile", str(tmp_path / "file")],
+                        "not a directory"),
+                       (["--config", "configs/tiny.py", "--config.train.stepz=3"], "train.steps"),
+                       (["--config", "configs/no_such.py"], "no such file"),
+                       (["--steps", "3"], "--config=configs/NAME.py is needed")):
+        r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and says in lines[-1], (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "compiling" not in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def _ab_step():
     spec = importlib.util.spec_from_file_location("ab_step", "benchmarks/ab_step.py")
     module = importlib.util.module_from_spec(spec)
@@ -84,7 +103,9 @@ def test_ab_step_cli_times_both_builds_and_refuses_bad_options():
     assert b < a  # B got its override: one layer instead of tiny.py's two
     for args, says in ((["--xla", "xla_cpu_no_such_option=true"], "xla_cpu_no_such_option"),
                        (["--b", "model.activation=relux"], "relux"),
-                       (["--rounds", "3"], "even number")):
+                       (["--rounds", "3"], "even number"),
+                       (["--xla", "xla_gpu_enable_triton_gemm=false"], "a GPU option"),
+                       (["--config", "configs/no_such.py"], "no such file")):
         r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, env=env)
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 2 and says in last and "Traceback" not in r.stderr, r.stderr
