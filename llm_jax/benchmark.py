@@ -72,8 +72,8 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
                  "seq_len": seq, "steps": steps, "warmup_steps": warmup}
     logging.info("benchmark: %d %s device(s); initializing and compiling the train step",
                  jax.device_count(), res["device_kind"])
-    tr, compiled, state, state_sh, batch, res["compile_s"] = trainer.compile_train_step(
-        config)
+    (tr, compiled, state, state_sh, batch, res["compile_s"],
+     res["init_s"]) = trainer.compile_train_step(config)
     cfg = tr.model_cfg
     with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules):
         logging.info("benchmark: compiled in %.1f s; timing %d train steps", res["compile_s"],
@@ -100,7 +100,7 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
             except Exception as e:  # noqa: BLE001
                 logging.exception("benchmark: could not summarize the trace in %s", profile_dir)
                 res["profile_error"] = repr(e)
-        res["first_step_s"] = res["compile_s"] + first
+        res["first_step_s"] = res["init_s"] + res["compile_s"] + first
         logging.info("benchmark: train step median %.3f s; timing the eval step",
                      statistics.median(times))
         eval_fn = trainer.jit_eval_step(tr.model, tr.objective, np.ones(cfg.vocab_size),
@@ -139,6 +139,7 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
 
 def format_table(res: dict) -> str:
     rows = [
+        ("init (s)", f"{res['init_s']:.1f}"),
         ("compile (s)", f"{res['compile_s']:.1f}"),
         ("time to first step (s)", f"{res['first_step_s']:.1f}"),
         ("train tokens/s (median)", f"{res['tokens_per_sec']:,.0f}"),

@@ -25,6 +25,8 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     for key in ("tokens_per_sec", "mfu", "step_time_median_s", "compile_s", "peak_host_mem_mb"):
         assert res[key] > 0, key
     assert (res["steps"], res["warmup_steps"]) == (3, 1)
+    # the first step's time holds initializing, compiling and running it
+    assert res["init_s"] > 0 and res["first_step_s"] > res["init_s"] + res["compile_s"]
     tokens_per_step = res["batch_size"] * res["seq_len"]
     step_tokens = res["tokens_per_sec"] * res["step_time_median_s"]
     assert abs(step_tokens - tokens_per_step) < 1e-6 * tokens_per_step
