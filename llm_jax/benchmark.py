@@ -95,7 +95,8 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
             res["profile_step_s"] = statistics.median([first_traced] + traced)
             try:  # a trace it cannot read (another profiler version) must not cost the figures
                 prof = op_profile.summarize(profile_dir, compiled.as_text(), 3, since)
-                res.update(profile_ops=prof.rows, profile_runs=prof.runs,
+                res.update(profile_ops=[{"scope": k, "ms_per_step": ms, "share": share}
+                                        for k, ms, share in prof.rows], profile_runs=prof.runs,
                            profile_devices=prof.devices)
             except Exception as e:  # noqa: BLE001
                 logging.exception("benchmark: could not summarize the trace in %s", profile_dir)
@@ -206,7 +207,8 @@ def main(argv: list[str]) -> None:
         print(f"\n3 traced train steps ({res['profile_step_s']:.3f} s each, the tracer's cost "
               "included), time by op scope (self time; op_profile.py):")
         if res.get("profile_ops"):
-            print(op_profile.format_rows(res["profile_ops"]))
+            print(op_profile.format_rows([(r["scope"], r["ms_per_step"], r["share"])
+                                          for r in res["profile_ops"]]))
         elif "profile_error" in res:
             print(f"could not summarize the trace ({res['profile_error']}): open "
                   f"{_PROFILE.value} in XProf")

@@ -40,7 +40,8 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     # the model's layers, the LM head and loss, and the optimizer among the scopes
     assert "time by op scope" in r.stdout and res["profile_step_s"] > 0
     assert (res["profile_runs"], res["profile_devices"]) == (3, 8)
-    scopes = [row[0] for row in res["profile_ops"]]
+    scopes = [row["scope"] for row in res["profile_ops"]]
+    assert abs(sum(row["share"] for row in res["profile_ops"]) - 1) < 1e-6
     for part in ("DecoderLM/decoder/layers/", "lm_head_loss ", "optimizer "):
         assert any(s.startswith(part) for s in scopes), (part, scopes)
 
