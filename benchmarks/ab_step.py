@@ -67,6 +67,10 @@ def main() -> None:
                    help="XLA compiler options for B, e.g. xla_cpu_ftz=true")
     p.add_argument("--rounds", type=int, default=20, help="an even number: ABBA...")
     p.add_argument("--steps", type=int, default=4, help="steps per build and round")
+    flag = next((a for a in sys.argv[1:] if a.startswith("--xla_")), None)
+    if flag:  # argparse would take it for an unknown flag of its own
+        p.error(f"{flag}: give XLA options as --xla OPTION=VALUE, the name without the "
+                f"leading --, e.g. --xla {flag[2:]}")
     args = p.parse_args()
     if args.rounds < 2 or args.rounds % 2:
         p.error(f"--rounds={args.rounds}: use an even number, 2 or more (ABBA...)")

@@ -108,6 +108,7 @@ def test_ab_step_cli_times_both_builds_and_refuses_bad_options():
                        (["--b", "model.activation=relux"], "relux"),
                        (["--rounds", "3"], "even number"),
                        (["--xla", "xla_gpu_enable_triton_gemm=false"], "a GPU option"),
+                       (["--xla", "--xla_cpu_ftz=true"], "--xla xla_cpu_ftz=true"),
                        (["--config", "configs/no_such.py"], "no such file")):
         r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, env=env)
         last = r.stderr.strip().splitlines()[-1]
