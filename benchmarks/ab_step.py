@@ -25,6 +25,7 @@ import jax
 import ml_collections
 
 from llm_jax import config as config_lib
+from llm_jax.console import one_line
 from llm_jax.trainer import compile_train_step
 from llm_jax.overrides import UserError, check_key, load, parse_value
 
@@ -77,14 +78,14 @@ def main() -> None:
     if args.steps < 1:
         p.error(f"--steps={args.steps}: use 1 or more")
     options = {}
+    platform = jax.devices()[0].platform
     for item in args.xla:
         name, sep, raw = item.partition("=")
-        if not sep or name.startswith("-"):
+        if not sep:
             p.error(f"--xla {item}: expected OPTION=VALUE, the XLA flag's name without "
                     f"the leading --, e.g. xla_cpu_ftz=true")
         options[name] = typed_option(raw)
         target = name.split("_")[1] if name.startswith("xla_") else ""
-        platform = jax.devices()[0].platform
         if target in ("cpu", "gpu", "tpu") and target != platform.replace("cuda", "gpu"):
             p.error(f"--xla {item}: a {target.upper()} option, and this runs on "
                     f"{platform.upper()}; XLA would ignore it")
@@ -95,7 +96,7 @@ def main() -> None:
             config_lib.validate(c)
         builds = {"B": compile_train_step(config_b, options)}  # B first: mistakes show at once
     except (UserError, config_lib.ConfigError, jax.errors.JaxRuntimeError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)  # sys.stderr: tests capture it
         sys.exit(2)
     builds["A"] = compile_train_step(config_a)
     states = {k: b.state for k, b in builds.items()}

@@ -17,8 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llm_jax import console, files
-from llm_jax.console import one_line
-from llm_jax.overrides import UserError, check_overrides
+from llm_jax.overrides import UserError, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -180,11 +179,7 @@ def check_flags(fv: flags.FlagValues) -> None:
 
 def _flags_parser(argv: list[str]) -> list[str]:
     try:
-        check_overrides(argv)
-        try:
-            flags.FLAGS(argv)
-        except flags.Error as e:
-            raise UserError(one_line(e)) from None
+        parse_flags(argv, flags.FLAGS)
         check_flags(flags.FLAGS)
     except UserError as e:
         console.error(str(e))

@@ -6,8 +6,10 @@ import importlib.util
 import os
 
 import ml_collections
+from absl import flags
 
 from llm_jax.config import closest_keys, flat_keys, get
+from llm_jax.console import one_line
 
 
 class UserError(ValueError):
@@ -77,3 +79,12 @@ def check_overrides(argv: list[str]) -> None:
     for key, raw in overrides:
         check_key(config, key)
         parse_value(raw, get(config, key), key)
+
+
+def parse_flags(argv: list[str], fv: flags.FlagValues) -> None:
+    """Checks the --config overrides, then parses argv into fv; UserError in one line."""
+    check_overrides(argv)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise UserError(one_line(e)) from None

@@ -16,8 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llm_jax import console
-from llm_jax.console import one_line
-from llm_jax.overrides import UserError, check_overrides
+from llm_jax.overrides import UserError, parse_flags
 
 EXIT_USER = 2
 EXIT_NONFINITE = 3  # the loss or gradients became NaN/inf (train.on_nonfinite=stop)
@@ -45,11 +44,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def parse_args(argv: list[str], fv: flags.FlagValues) -> tuple[ml_collections.ConfigDict, str]:
     """Flags → (config, workdir); a bad override raises UserError with one line."""
-    check_overrides(argv)
-    try:
-        fv(argv)
-    except flags.Error as e:
-        raise UserError(one_line(e)) from None
+    parse_flags(argv, fv)
     if fv.config is None:
         raise UserError("--config=configs/NAME.py is needed")
     if not fv.workdir and not (fv.compile_only or fv.topology):  # compiling writes nothing
