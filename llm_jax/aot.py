@@ -72,15 +72,14 @@ def compile_report(config: ml_collections.ConfigDict,
     devices = tpu_devices(topology) if topology else None
     tr = trainer.Trainer(config, "", vocab_size=trainer.synthetic_vocab(config),
                          devices=devices)
-    t, cfg = config.train, tr.model_cfg
+    t = config.train
     mesh, rules, model, tx, lr, batch_sh = tr.mesh, tr.rules, tr.model, tr.tx, tr.lr, tr.batch_sh
     with nn.logical_axis_rules(rules):  # outside set_mesh: optax's init runs eagerly
         _, state_sh, abstract = trainer.state_init(model, tx, tr.example, t.seed, mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         batch = {k: jax.ShapeDtypeStruct((t.batch_size, *shape), np.int32, sharding=batch_sh)
                  for k, shape in objectives.feature_shapes(config).items()}
-        step = trainer.jit_train_step(model, tr.objective, tx, lr, t, state_sh, batch_sh,
-                                      deterministic=cfg.dropout == 0)
+        step = trainer.jit_train_step(model, tr.objective, tx, lr, t, state_sh, batch_sh)
         start = time.perf_counter()
         compiled = step.lower(abstract, batch).compile()
         seconds = time.perf_counter() - start

@@ -94,14 +94,14 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, example: dict
 
 def jit_train_step(model: nn.Module, objective: objectives.Objective,
                    tx: optax.GradientTransformation, lr: optax.Schedule,
-                   t: ml_collections.ConfigDict, state_sh: Any, batch_sh: Any,
-                   deterministic: bool = True) -> Any:
-    """The train step as one jit with explicit shardings; the state is donated."""
+                   t: ml_collections.ConfigDict, state_sh: Any, batch_sh: Any) -> Any:
+    """The train step as one jit with explicit shardings; the state is donated. Dropout
+    runs when the model's config has it, for every caller (training, AOT, the benchmark)."""
     train = functools.partial(
         steps.train_step, model=model, objective=objective, tx=tx, lr_schedule=lr,
         seed=t.seed,
         microbatches=t.microbatches, skip_nonfinite=t.on_nonfinite == "skip",
-        deterministic=deterministic)
+        deterministic=model.cfg.dropout == 0)
     repl = sharding.replicated(batch_sh.mesh)
     return jax.jit(train, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
                    donate_argnums=0)
@@ -238,8 +238,7 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
     config, workdir, t = tr.config, tr.workdir, tr.config.train
     init, state_sh, abstract = state_init(tr.model, tr.tx, tr.example, t.seed, tr.mesh,
                                           tr.rules)
-    train_fn = jit_train_step(tr.model, tr.objective, tr.tx, tr.lr, t, state_sh, tr.batch_sh,
-                              deterministic=tr.model_cfg.dropout == 0)
+    train_fn = jit_train_step(tr.model, tr.objective, tr.tx, tr.lr, t, state_sh, tr.batch_sh)
     eval_fn = jit_eval_step(tr.model, tr.objective, tr.tok.token_bytes, state_sh.params,
                             tr.batch_sh)
     doc_stats = pipeline.DocumentStats()

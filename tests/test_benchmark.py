@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from data_fixtures import data_cfg  # noqa: F401  (session fixture)
 
 from llm_jax import config as config_lib
 from llm_jax.overrides import UserError
@@ -17,7 +18,9 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run(
         [sys.executable, "-m", "llm_jax.benchmark", "--config", "configs/tiny.py", "--steps", "3",
-         "--warmup", "1", "--nopipeline", "--json", str(out), "--profile", str(tmp_path / "prof")],
+         "--warmup", "1", "--json", str(out), "--profile", str(tmp_path / "prof"),
+         # an input pipeline that cannot run costs its own row, not the step's figures
+         "--config.data.name=absent_ds", f"--config.data.data_dir={tmp_path / 'nodata'}"],
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "MFU" in r.stdout and "train tokens/s (median)" in r.stdout
@@ -25,6 +28,8 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     for key in ("tokens_per_sec", "mfu", "step_time_median_s", "compile_s", "peak_host_mem_mb"):
         assert res[key] > 0, key
     assert (res["steps"], res["warmup_steps"]) == (3, 1)
+    assert "'absent_ds' is not prepared" in res["pipeline_error"]
+    assert re.search(r"input pipeline +not measured: dataset 'absent_ds'", r.stdout), r.stdout
     # the first step's time holds initializing, compiling and running it
     assert res["init_s"] > 0 and res["first_step_s"] > res["init_s"] + res["compile_s"]
     tokens_per_step = res["batch_size"] * res["seq_len"]
@@ -63,6 +68,28 @@ def test_benchmark_cli_refuses_bad_flags_in_one_line_before_compiling(tmp_path):
         assert r.returncode == 2 and says in lines[-1], (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr and "compiling" not in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("family,objective", [("encoder", "mlm"),
+                                              ("encoder_decoder", "span_corruption")])
+def test_pipeline_alone_is_timed_for_every_family(data_cfg, family, objective):  # noqa: F811
+    from llm_jax import benchmark
+    c = config_lib.load_file("configs/tiny.py")
+    c.data.update(data_cfg.to_dict())
+    c.model.family, c.task.objective = family, objective
+    assert benchmark.pipeline_tokens_per_sec(c, 1000, seconds=0.5) > 0
+
+
+def test_benchmarked_step_runs_dropout_when_the_config_has_it():
+    # the same initial state and batch: only dropout can make the two losses differ
+    from llm_jax import trainer
+    losses = []
+    for rate in (0.0, 0.0, 0.5):
+        c = config_lib.load_file("configs/tiny.py")
+        c.model.dropout = rate
+        step = trainer.compile_train_step(c)
+        losses.append(float(step.compiled(step.state, step.batch)[1]["loss"]))
+    assert losses[0] == losses[1] != losses[2], losses
 
 
 def _ab_step():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import sys
 import threading
-import time
 from typing import Any
 
 import grain
@@ -283,18 +282,3 @@ class DevicePrefetch:
         self._queue.clear()
         self._host.set_state(state)
         self._state = state
-
-
-def measure_throughput(
-    data_cfg: ml_collections.ConfigDict, tok: Tokenizer, global_batch_size: int, seconds: float = 10
-) -> float:
-    """Tokens per second (batch slots, padding included) of the host pipeline alone."""
-    it = make_train_iterator(
-        data_cfg, tok, seed=0, global_batch_size=global_batch_size, process_index=0, process_count=1
-    )
-    next(it)  # exclude start-up (first shuffle window)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        next(it)
-        steps += 1
-    return steps * global_batch_size * int(data_cfg.seq_len) / (time.perf_counter() - start)
