@@ -22,12 +22,17 @@ import sys
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
+# device files of accelerators: NVIDIA GPUs; TPU v2-v4 (accel) and v5e and later (vfio);
+# AMD GPUs (kfd)
+_ACCELERATOR_FILES = ("/dev/nvidiactl", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
+
+
 def cpu_only_host() -> bool:
-    """JAX_PLATFORMS names only cpu or, unset, no NVIDIA GPU or TPU device file exists."""
+    """JAX_PLATFORMS names only cpu or, unset, no GPU or TPU device file exists."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return {p.strip() for p in platforms.split(",")} == {"cpu"}
-    return not (os.path.exists("/dev/nvidiactl") or glob.glob("/dev/accel[0-9]*"))
+    return not any(glob.glob(pattern) for pattern in _ACCELERATOR_FILES)
 
 
 def keep_freed_memory() -> bool:

@@ -117,7 +117,15 @@ def _compile_only(config: ml_collections.ConfigDict, topology: str | None) -> No
     from llm_jax.config import ConfigError
     # On CPU, a mesh bigger than this machine is made of fake host devices (set before
     # JAX starts; accelerators ignore it).
-    jax.config.update("jax_num_cpu_devices", max(aot.mesh_devices(config.mesh), 1))
+    need = aot.mesh_devices(config.mesh)
+    jax.config.update("jax_num_cpu_devices", max(need, 1))
+    backend = jax.default_backend()
+    if not topology and backend != "cpu" and need > jax.device_count():
+        console.error(f"config.mesh asks for {need} devices and this {backend} host has "
+                      f"{jax.device_count()}; plan the larger mesh on fake host devices: "
+                      "JAX_PLATFORMS=cpu python -m llm_jax.train ... --compile_only (CPU "
+                      "code paths: a rough guide to accelerator memory)")
+        sys.exit(EXIT_USER)
     try:
         print(aot.format_report(aot.compile_report(config, topology)), flush=True)
     except ConfigError as e:

@@ -20,6 +20,24 @@ def test_compile_only_for_a_16_device_mesh_on_this_machine(tmp_path):
     assert not (tmp_path / "w").exists()  # nothing trained, nothing written
 
 
+def test_compile_only_on_an_accelerator_host_points_to_fake_host_devices(monkeypatch, capfd):
+    # a GPU host cannot grow fake GPUs: a mesh bigger than it is planned on CPU devices
+    import jax
+
+    from llm_jax import train
+    from llm_jax.config import load_file
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # keep this process's 8
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    c = load_file("configs/tiny.py")
+    c.mesh.data, c.mesh.fsdp = 1, 64
+    with pytest.raises(SystemExit) as e:
+        train._compile_only(c, None)
+    assert e.value.code == train.EXIT_USER
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert "asks for 64 devices" in last and "JAX_PLATFORMS=cpu" in last, last
+
+
 def test_fsdp_splits_parameter_memory_across_devices():
     c = base_config()
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 64, 4, 256

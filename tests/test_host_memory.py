@@ -30,6 +30,19 @@ def test_hosts_with_an_accelerator_keep_glibc_defaults_unless_forced(monkeypatch
     assert host_memory.keep_freed_memory()
 
 
+@pytest.mark.parametrize("present,cpu_only", [
+    ((), True), (("/dev/nvidiactl",), False), (("/dev/accel0",), False),
+    (("/dev/vfio/0", "/dev/vfio/vfio"), False), (("/dev/vfio/vfio",), True),
+    (("/dev/kfd",), False)])
+def test_jax_platforms_unset_reads_the_accelerator_device_files(monkeypatch, present, cpu_only):
+    # TPU v5e and later show their chips as /dev/vfio/N; /dev/vfio/vfio alone is no chip
+    import fnmatch
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host_memory.glob, "glob",
+                        lambda pattern: [f for f in present if fnmatch.fnmatch(f, pattern)])
+    assert host_memory.cpu_only_host() == cpu_only
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
 def test_freed_large_blocks_stay_mapped():
     """After the settings, freeing and reallocating 64 MB costs no new page faults (glibc's

@@ -8,7 +8,8 @@
 # figures, says where it stopped and prints Python's stack (SIGABRT + faulthandler).
 # ATTN=auto|xla|cudnn sets the attention implementation (default auto: cuDNN on NVIDIA GPUs).
 # PROFILE=1 also writes a jax.profiler trace of 3 steps per run to results/trace_NAME
-# and prints their time by op scope (llm_jax/op_profile.py), with CUDA command buffers off.
+# and prints their time by op scope (llm_jax/op_profile.py), with CUDA command buffers off;
+# its figures go to results/profiled_NAME.json, apart from the plain runs'.
 # Exits 1 if any run failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,7 +41,7 @@ bench() {  # result name, config name, batch size, then overrides
     --config "configs/$config.py" --steps 10 --nopipeline --config.model.attention_impl=$attn \
     --config.train.batch_size="$batch" --config.mesh.data=1 --config.mesh.fsdp=-1 \
     ${PROFILE:+--profile=$out/trace_$name} "$@" ${extra[@]+"${extra[@]}"} \
-    --json "$out/$name.json"
+    --json "$out/${PROFILE:+profiled_}$name.json"
   local rc=$?
   echo "== $name: exit $rc at $(date +%T)"
   [[ $rc == 0 ]] || failed=1
