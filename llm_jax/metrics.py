@@ -26,9 +26,11 @@ from llm_jax import files
 from llm_jax.console import one_line
 from llm_jax.models.layers import ModelConfig
 
-# bf16 dense peak per chip, FLOP/s, keyed by a substring of jax.Device.device_kind.
+# bf16 dense peak per chip, FLOP/s, keyed by a substring of jax.Device.device_kind (the
+# longest matching key wins: "H100 PCIe" before "H100", the SXM part).
 PEAK_FLOPS = {
-    "A100": 312e12, "H100": 989e12, "H200": 989e12,
+    "A100": 312e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+    "H200": 989e12, "H200 NVL": 835e12,
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
     "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
 }
@@ -97,9 +99,12 @@ def peak_flops(configured: float, dtype: Any) -> tuple[float, str]:
         return configured, "config"
     if dev.platform == "cpu":  # fake CPU devices share the host's cores: one host peak
         return measure_cpu_peak(dtype), "measured"
-    for key, peak in PEAK_FLOPS.items():
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
         if key.lower() in dev.device_kind.lower():
-            return peak * jax.device_count(), dev.device_kind
+            source = dev.device_kind
+            if jnp.dtype(dtype) != jnp.bfloat16:  # the table holds bf16 peaks only
+                source += f" bf16 peak; this run computes in {jnp.dtype(dtype).name}"
+            return PEAK_FLOPS[key] * jax.device_count(), source
     return 0.0, f"unknown device kind {dev.device_kind!r}"
 
 

@@ -38,6 +38,18 @@ def test_compile_only_on_an_accelerator_host_points_to_fake_host_devices(monkeyp
     assert "asks for 64 devices" in last and "JAX_PLATFORMS=cpu" in last, last
 
 
+@pytest.mark.parametrize("used_mib,verdict", [(80, "10% used with the program, fits"),
+                                              (760, "95% used with the program, tight"),
+                                              (920, "115% used with the program, DOES NOT")])
+def test_hbm_verdict_counts_the_program_and_leaves_headroom(used_mib, verdict):
+    mib = 2**20
+    r = {"mesh": {"fsdp": 4}, "device_kind": "TPU v5 lite", "params": 1, "compile_s": 1.0,
+         "params_bytes": 0, "optimizer_bytes": 0, "batch_bytes": 0, "temporaries_bytes": 0,
+         "total_bytes": (used_mib - 10) * mib, "generated_code_bytes": 10 * mib,
+         "hbm_bytes": 800 * mib}
+    assert verdict in aot.format_report(r).splitlines()[-1]
+
+
 def test_fsdp_splits_parameter_memory_across_devices():
     c = base_config()
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.mlp_dim = 2, 64, 4, 256

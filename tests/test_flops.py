@@ -59,3 +59,22 @@ def test_bench_small_figures():
     cfg = dataclasses.replace(BASE, vocab_size=8192, num_layers=6, d_model=384, num_heads=6,
                               num_kv_heads=6, head_dim=64, mlp_dim=1536, max_len=256)
     assert abs(metrics.flops_per_token(cfg, "decoder", 256) / 1e6 - 89.8) < 0.5
+
+
+@pytest.mark.parametrize("kind,per_chip", [
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12), ("NVIDIA B200", 0.0)])
+def test_peak_flops_by_device_kind(monkeypatch, kind, per_chip):
+    class Chip:
+        platform, device_kind = "gpu", kind
+    monkeypatch.setattr(jax, "devices", lambda: [Chip()] * 4)
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    peak, source = metrics.peak_flops(0, jnp.bfloat16)
+    assert peak == 4 * per_chip, source
+    if not per_chip:  # reported, not guessed
+        assert source == f"unknown device kind {kind!r}"
+    else:
+        assert source == kind
+        assert "bf16 peak" in metrics.peak_flops(0, jnp.float32)[1]
