@@ -57,21 +57,6 @@ def time_steps(fn, args_fn, steps: int, warmup: int = 0) -> tuple[float, list[fl
     return first, times, out
 
 
-def pipeline_tokens_per_sec(config, positions_per_batch: int, seconds: float = 10) -> float:
-    """Positions per second (padding included) of the host input pipeline alone: the
-    training iterator of the config's family, tokenizer and all, without the model."""
-    from llm_jax import finetune
-    from llm_jax.data import tasks
-    it = tasks.train_iterator(config, finetune.load_tokenizer(config), process_index=0,
-                              process_count=1)
-    next(it)  # start-up: the first shuffle window
-    batches, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        next(it)
-        batches += 1
-    return batches * positions_per_batch / (time.perf_counter() - start)
-
-
 def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
               profile_dir: str | None = None) -> dict:
     import flax.linen as nn
@@ -146,7 +131,10 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
         from llm_jax.config import ConfigError
         from llm_jax.data.sources import DataError
         try:
-            res["pipeline_tokens_per_sec"] = pipeline_tokens_per_sec(config, tr.tokens_per_step)
+            from llm_jax import finetune
+            from llm_jax.data import tasks
+            res["pipeline_tokens_per_sec"] = tasks.throughput(
+                config, finetune.load_tokenizer(config), tr.tokens_per_step)
             res["pipeline_vs_train"] = res["pipeline_tokens_per_sec"] / res["tokens_per_sec"]
         except (ConfigError, DataError, OSError) as e:  # the step's figures still count
             res["pipeline_error"] = console.one_line(e)
