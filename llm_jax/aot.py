@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from llm_jax import objectives, sharding, trainer
+from llm_jax import metrics, objectives, sharding, trainer
 from llm_jax.config import ConfigError
 
 
@@ -34,16 +34,10 @@ def per_device_bytes(abstract: Any) -> int:
     return total
 
 
-# HBM per chip, bytes, keyed by a substring of device_kind (longest key tried first).
+# HBM per chip, bytes, keyed by a substring of device_kind (metrics.by_device_kind).
 HBM_BYTES = {"TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30, "TPU v5": 95 * 2**30,
              "TPU v6 lite": 32 * 2**30}
 
-
-def hbm_bytes(device_kind: str) -> int | None:
-    for key in sorted(HBM_BYTES, key=len, reverse=True):
-        if key.lower() in device_kind.lower():
-            return HBM_BYTES[key]
-    return None
 
 
 def tpu_devices(topology: str) -> list[jax.Device]:
@@ -89,7 +83,8 @@ def compile_report(config: ml_collections.ConfigDict,
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     kind = mesh.devices.flat[0].device_kind
     return {
-        "mesh": dict(mesh.shape), "device_kind": kind, "hbm_bytes": hbm_bytes(kind),
+        "mesh": dict(mesh.shape), "device_kind": kind,
+        "hbm_bytes": metrics.by_device_kind(HBM_BYTES, kind),
         "params": n_params, "compile_s": seconds,
         "model_flops_per_token": tr.flops_per_token(),
         "params_bytes": params, "optimizer_bytes": opt,

@@ -128,11 +128,11 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
         res["device_peak_mem_mb"] = max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**20
     res["peak_host_mem_mb"] = peak_host_mem_mb()  # the steps', before the pipeline's
     if pipeline:
+        from llm_jax import finetune
         from llm_jax.config import ConfigError
+        from llm_jax.data import tasks
         from llm_jax.data.sources import DataError
         try:
-            from llm_jax import finetune
-            from llm_jax.data import tasks
             res["pipeline_tokens_per_sec"] = tasks.throughput(
                 config, finetune.load_tokenizer(config), tr.tokens_per_step)
             res["pipeline_vs_train"] = res["pipeline_tokens_per_sec"] / res["tokens_per_sec"]

@@ -78,6 +78,14 @@ def flops_per_token(cfg: ModelConfig, family: str, seq_len: int, target_len: int
     return 3 * forward if training else forward
 
 
+def by_device_kind(table: dict[str, Any], device_kind: str) -> Any:
+    """The entry whose key is the longest substring of device_kind, or None."""
+    for key in sorted(table, key=len, reverse=True):
+        if key.lower() in device_kind.lower():
+            return table[key]
+    return None
+
+
 def measure_cpu_peak(dtype: Any = jnp.bfloat16, n: int = 2048, repeats: int = 20) -> float:
     """Best FLOP/s of an n³ matmul (dtype inputs, f32 accumulation) on the first device."""
     dev = jax.devices()[0]
@@ -99,13 +107,13 @@ def peak_flops(configured: float, dtype: Any) -> tuple[float, str]:
         return configured, "config"
     if dev.platform == "cpu":  # fake CPU devices share the host's cores: one host peak
         return measure_cpu_peak(dtype), "measured"
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key.lower() in dev.device_kind.lower():
-            source = dev.device_kind
-            if jnp.dtype(dtype) != jnp.bfloat16:  # the table holds bf16 peaks only
-                source += f" bf16 peak; this run computes in {jnp.dtype(dtype).name}"
-            return PEAK_FLOPS[key] * jax.device_count(), source
-    return 0.0, f"unknown device kind {dev.device_kind!r}"
+    peak = by_device_kind(PEAK_FLOPS, dev.device_kind)
+    if peak is None:
+        return 0.0, f"unknown device kind {dev.device_kind!r}"
+    source = dev.device_kind
+    if jnp.dtype(dtype) != jnp.bfloat16:  # the table holds bf16 peaks only
+        source += f" bf16 peak; this run computes in {jnp.dtype(dtype).name}"
+    return peak * jax.device_count(), source
 
 
 class WriteError(RuntimeError):
