@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # compute dtype
     m.param_dtype = "float32"
     m.scan_layers = True
-    m.remat = "none"  # none | full | dots | dots_no_batch
+    m.remat = "none"  # none | full | dots | dots_no_batch | dots_attention
     m.qkv_conv = 0  # >0: causal depthwise conv of this width on q, k, v (Primer); 0: off
     m.attention_impl = "auto"  # auto | xla | cudnn  (cudnn: flash attention on NVIDIA GPUs)
     # decoder: False attends across the documents packed in a row, at row positions 0..T-1
@@ -148,7 +148,7 @@ CHOICES = {
     "model.positions": ("learned", "rope"),
     "model.dtype": ("bfloat16", "float32", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch", "dots_attention"),
     "model.attention_impl": ("auto", "xla", "cudnn"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.progress": ("auto", "bar", "lines"),

@@ -160,13 +160,27 @@ def test_remat_does_not_change_the_gradients():
     tokens = (np.arange(24, dtype=np.int32)[None] * 7) % 97
     segs, pos = np.ones_like(tokens), np.arange(24)[None]
     grads = []
-    for remat in ("none", "full", "dots"):
+    for remat in ("none", "full", "dots", "dots_attention"):
         model, params = _model_and_params(remat=remat)
         loss = lambda p: jnp.mean(_logits_of(model, p, tokens, segs, pos) ** 2)  # noqa
         grads.append(jax.jit(jax.grad(loss))(params))
     for g in grads[1:]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      grads[0], g)
+
+
+def test_dots_attention_remat_does_not_rerun_attention_forward():
+    """The CPU attention forward is a loop (a scan) over heads: dots_no_batch runs it again
+    in the backward pass (2 forward loops + 1 backward per layer), dots_attention keeps
+    its outputs and statistics instead (1 + 1)."""
+    tokens = jnp.zeros((1, 24), jnp.int32)
+    loops = {}
+    for remat in ("dots_no_batch", "dots_attention"):
+        model, params = _model_and_params(remat=remat, scan_layers=False)
+        loss = lambda p: jnp.mean(_logits_of(model, p, tokens, tokens + 1, tokens) ** 2)  # noqa
+        loops[remat] = str(jax.make_jaxpr(jax.grad(loss))(params)).count("= scan[")
+    layers = CFG.num_layers
+    assert loops == {"dots_no_batch": 3 * layers, "dots_attention": 2 * layers}, loops
 
 
 @pytest.mark.parametrize("kind,cc,dtype,head_dim,length,want", [

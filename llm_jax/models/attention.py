@@ -11,10 +11,12 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.models.layers import Dense, ModelConfig, _contract, init_std, rotary
 
 Array = jax.Array
+ATTENTION_RESIDUALS = "attention_residuals"  # the CPU forward's saved outputs, for remat
 
 
 def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
@@ -114,7 +116,8 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
     qs, ks, vs = _bits(q), _bits(k), _bits(v)
     o, row_max, row_sum = jax.lax.fori_loop(0, heads, head, (_bits(jnp.zeros_like(q)), stats,
                                                              stats))
-    o = _float(o, q.dtype)
+    o = checkpoint_name(_float(o, q.dtype), ATTENTION_RESIDUALS)
+    row_max, row_sum = checkpoint_name((row_max, row_sum), ATTENTION_RESIDUALS)
     return o, (q, k, v, mask, o, row_max, row_sum)
 
 

@@ -6,15 +6,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.attention import Attention, segment_mask
+from llm_jax.models.attention import ATTENTION_RESIDUALS, Attention, segment_mask
 from llm_jax.models.layers import Dense, Embed, Mlp, ModelConfig, matmul, norm
 
 Array = jax.Array
+
+
+
+def _dots_and_attention(prim, *avals, **params) -> bool:
+    """dots_no_batch, plus attention's output and softmax statistics (cuDNN's fused kernel or
+    our CPU attention's `ATTENTION_RESIDUALS`), so the backward pass does not run attention's
+    forward again: a few MB per layer."""
+    return (jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+            or prim.name.startswith("dot_product_attention_fwd")
+            or (prim.name == "name" and params.get("name") == ATTENTION_RESIDUALS))
+
 
 REMAT_POLICIES = {
     "full": None,  # save nothing; recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attention": _dots_and_attention,
 }
 
 
