@@ -25,7 +25,7 @@ def get_config():
     c.model.norm = "rmsnorm"
     c.model.positions = "rope"
     c.model.tie_embeddings = False
-    c.model.remat = "dots_attention"  # keeps cuDNN attention's outputs: +2-6% on an H200
+    c.model.remat = "dots_attention"  # keeps cuDNN attention's outputs: +2.3% on an H200
     c.model.attention_impl = "auto"  # cuDNN flash attention on NVIDIA GPUs
     c.data.seq_len = 2048
     c.data.vocab_size = 32000

@@ -12,11 +12,10 @@ from llm_jax.models.layers import Dense, Embed, Mlp, ModelConfig, matmul, norm
 Array = jax.Array
 
 
-
 def _dots_and_attention(prim, *avals, **params) -> bool:
     """dots_no_batch, plus attention's output and softmax statistics (cuDNN's fused kernel or
     our CPU attention's `ATTENTION_RESIDUALS`), so the backward pass does not run attention's
-    forward again: a few MB per layer."""
+    forward again, for one more activation-sized tensor per layer (README, Performance)."""
     return (jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
             or prim.name.startswith("dot_product_attention_fwd")
             or (prim.name == "name" and params.get("name") == ATTENTION_RESIDUALS))
