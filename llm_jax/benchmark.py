@@ -68,7 +68,8 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
     t, seq = config.train, config.data.seq_len
     res: dict = {"config": config.model.to_dict(), "devices": jax.device_count(),
                  "device_kind": jax.devices()[0].device_kind, "batch_size": t.batch_size,
-                 "seq_len": seq, "steps": steps, "warmup_steps": warmup}
+                 "seq_len": seq, "steps": steps, "warmup_steps": warmup,
+                 "host_cpu": metrics.host_cpu()}
     logging.info("benchmark: %d %s device(s); initializing and compiling the train step",
                  jax.device_count(), res["device_kind"])
     (tr, compiled, state, state_sh, batch, res["compile_s"],
@@ -143,6 +144,7 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
 
 def format_table(res: dict) -> str:
     rows = [
+        ("host CPU", res.get("host_cpu", "?")),
         ("init (s)", f"{res['init_s']:.1f}"),
         ("compile (s)", f"{res['compile_s']:.1f}"),
         ("time to first step (s)", f"{res['first_step_s']:.1f}"),

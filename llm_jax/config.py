@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # none | full | dots | dots_no_batch | dots_attention
     m.qkv_conv = 0  # >0: causal depthwise conv of this width on q, k, v (Primer); 0: off
     m.attention_impl = "auto"  # auto | xla | cudnn  (cudnn: flash attention on NVIDIA GPUs)
+    # | cudnn_packed (decoder, experimental): cuDNN's packed-sequence attention on Hopper or
+    # later, which skips the pairs across documents instead of masking them; needs
+    # data.max_segments_per_row; elsewhere it runs as auto (README, Performance)
     # decoder: False attends across the documents packed in a row, at row positions 0..T-1
     # (GPT-2 style); cuDNN then runs plain causal attention, no [t, t] mask (README)
     m.document_mask = True
@@ -88,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.tokenizer_pieces = "spans"  # spans: pieces may cross spaces ("):\n    ") | words
     d.worker_threads = 2
     d.prefetch = 2
+    d.max_segments_per_row = 0  # decoder: pack at most this many documents per row; 0: any
 
     c.task = k = ml_collections.ConfigDict()
     k.objective = "next_token"  # next_token | mlm | classification | span_corruption | seq2seq
@@ -149,7 +153,7 @@ CHOICES = {
     "model.dtype": ("bfloat16", "float32", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch", "dots_attention"),
-    "model.attention_impl": ("auto", "xla", "cudnn"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "cudnn_packed"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.progress": ("auto", "bar", "lines"),
     "optim.schedule": ("cosine", "linear", "rsqrt", "constant"),
@@ -163,7 +167,8 @@ POSITIVE = (
 NON_NEGATIVE = (
     "model.num_kv_heads", "model.head_dim", "model.num_decoder_layers", "data.target_seq_len",
     "task.bleu_examples", "model.qkv_conv", "model.max_len", "model.dropout",
-    "data.worker_threads", "train.eval_batches", "train.keep_every", "train.peak_flops",
+    "data.worker_threads", "data.max_segments_per_row", "train.eval_batches", "train.keep_every",
+    "train.peak_flops",
     "optim.learning_rate", "optim.warmup_steps", "optim.end_lr_ratio", "optim.weight_decay",
     "optim.grad_clip", "optim.eps",
 )
@@ -231,6 +236,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not m.document_mask and m.family != "decoder":
         raise ConfigError(f"config.model.document_mask=False applies to decoders only, not "
                           f"model.family={m.family!r}; leave it True")
+    if m.attention_impl == "cudnn_packed" and not (
+            m.family == "decoder" and m.document_mask and config.data.max_segments_per_row):
+        raise ConfigError(
+            f"config.model.attention_impl='cudnn_packed' needs model.family='decoder' (now "
+            f"{m.family!r}), model.document_mask=True (now {m.document_mask}) and "
+            f"data.max_segments_per_row > 0 (now {config.data.max_segments_per_row}), e.g. 16: "
+            "cuDNN takes a fixed number of documents per row")
     if k.objective == "mlm" and m.left_to_right:
         raise ConfigError("config.task.objective='mlm' needs model.left_to_right=False: a "
                           "causal encoder cannot see the context after a masked token")

@@ -155,7 +155,7 @@ class Trainer:
         d = config.data
         self.model_cfg = ModelConfig.from_config(
             config.model, vocab_size, max(d.seq_len, d.target_seq_len),
-            heads=self.objective.heads)
+            heads=self.objective.heads, max_segments_per_row=d.max_segments_per_row)
         self.model = models.build(self.model_cfg, config.model.family)
         self.tx, self.lr = optim.make(config.optim, config.train.steps)
         self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)

@@ -78,3 +78,16 @@ def test_peak_flops_by_device_kind(monkeypatch, kind, per_chip):
     else:
         assert source == kind
         assert "bf16 peak" in metrics.peak_flops(0, jnp.float32)[1]
+
+
+@pytest.mark.parametrize("flags,says", [
+    ("fpu sse2 avx2 fma avx512f avx512_bf16", "avx2 fma avx512f avx512_bf16 (no amx_bf16)"),
+    ("fpu sse2 avx avx2 fma", "avx2 fma (no avx512f avx512_bf16 amx_bf16)"),
+    ("fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile",
+     "avx2 fma avx512f avx512_bf16 amx_bf16")])
+def test_host_cpu_names_the_matmul_extensions(tmp_path, flags, says):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n\n"
+                    f"processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n")
+    assert metrics.host_cpu(str(info)).split(", ", 2)[::2] == ["Test CPU 9000", says]
+    assert "cores" in metrics.host_cpu(str(tmp_path / "absent"))  # not Linux: no flags

@@ -35,12 +35,13 @@ def test_empty_document_is_bos_eos():
     np.testing.assert_array_equal(chunk, [BOS, EOS])
 
 
-def _naive_first_fit(chunks, seq_len, num_bins):
-    """Reference: plain Python lists, one group of at most num_bins open rows."""
+def _naive_first_fit(chunks, seq_len, num_bins, max_per_row=0):
+    """Reference: plain Python lists, one group of at most num_bins open rows, each taking
+    at most max_per_row chunks (0: any number)."""
     rows, group = [], []
     for c in chunks:
         for row in group:
-            if sum(map(len, row)) + len(c) <= seq_len:
+            if sum(map(len, row)) + len(c) <= seq_len and len(row) < (max_per_row or 1e9):
                 row.append(c)
                 break
         else:
@@ -67,10 +68,13 @@ def _all_chunks(seq_len: int, seed: int = 0) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("num_bins", [1, 3, 16, None])
-def test_pack_first_fit_matches_naive_reference(num_bins):
+@pytest.mark.parametrize("max_per_row", [0, 2])
+def test_pack_first_fit_matches_naive_reference(num_bins, max_per_row):
     chunks = _all_chunks(32)
-    got = packing.pack_first_fit(chunks, 32, PAD, num_bins=num_bins)
-    want = _naive_first_fit(chunks, 32, num_bins)
+    got = packing.pack_first_fit(chunks, 32, PAD, num_bins=num_bins, max_per_row=max_per_row)
+    want = _naive_first_fit(chunks, 32, num_bins, max_per_row)
+    if max_per_row:
+        assert got["segment_ids"].max() == max_per_row  # the limit binds on these chunks
     for k in packing.FEATURES:
         assert got[k].dtype == np.int32
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -102,7 +106,8 @@ def test_segments_positions_and_targets():
 
 
 @pytest.mark.parametrize("num_bins", [1, 4, 16])
-def test_grain_first_fit_packer_matches_pure_function(num_bins):
+@pytest.mark.parametrize("max_per_row", [0, 2])
+def test_grain_first_fit_packer_matches_pure_function(num_bins, max_per_row):
     """The pipeline uses grain's packer; it must lay rows out exactly like ours."""
     seq_len = 32
     chunks = _all_chunks(seq_len, seed=2)
@@ -113,9 +118,11 @@ def test_grain_first_fit_packer_matches_pure_function(num_bins):
         num_packing_bins=num_bins,
         shuffle_bins=False,
         padding_struct={"tokens": PAD},
+        max_sequences_per_bin=max_per_row or None,
     )
     rows = list(packed)
-    want = packing.pack_first_fit(chunks, seq_len, PAD, num_bins=num_bins)
+    want = packing.pack_first_fit(chunks, seq_len, PAD, num_bins=num_bins,
+                                  max_per_row=max_per_row)
     for ours, theirs in [("tokens", "tokens"), ("segment_ids", "tokens_segment_ids"),
                          ("positions", "tokens_positions")]:
         np.testing.assert_array_equal(np.stack([r[theirs] for r in rows]), want[ours])

@@ -36,7 +36,8 @@ def target_mask(segment_ids: np.ndarray) -> np.ndarray:
 
 
 def pack_first_fit(
-    chunks: Sequence[np.ndarray], seq_len: int, pad_id: int, num_bins: int | None = None
+    chunks: Sequence[np.ndarray], seq_len: int, pad_id: int, num_bins: int | None = None,
+    max_per_row: int = 0,
 ) -> dict[str, np.ndarray]:
     """Pack chunks, in order, into rows [num_rows, seq_len] by first fit.
 
@@ -44,7 +45,8 @@ def pack_first_fit(
     that many rows are open: when a chunk fits none, they are all emitted and a new
     group starts (the semantics of ``grain.experimental.FirstFitPackIterDataset`` with
     ``shuffle_bins=False``). ``num_bins=None`` keeps every row open: tightest, but
-    quadratic in the number of rows.
+    quadratic in the number of rows. ``max_per_row`` > 0 fills a row once it holds that
+    many chunks (grain's ``max_sequences_per_bin``).
     """
     rows: list[list[np.ndarray]] = []
     group_start = 0  # rows before this index are closed
@@ -54,7 +56,10 @@ def pack_first_fit(
         if n > seq_len:
             raise ValueError(f"chunk of {n} tokens exceeds seq_len={seq_len}")
         open_used = used[group_start : len(rows)]
-        fits = np.flatnonzero(open_used + n <= seq_len)
+        room = open_used + n <= seq_len
+        if max_per_row:
+            room &= np.array([len(r) < max_per_row for r in rows[group_start:]], bool)
+        fits = np.flatnonzero(room)
         if fits.size:
             row = group_start + int(fits[0])
         else:

@@ -168,6 +168,7 @@ def make_train_iterator(
         num_packing_bins=max(local_batch, _PACKING_BINS),
         shuffle_bins=False,
         padding_struct={"tokens": tok.pad_id},
+        max_sequences_per_bin=int(data_cfg.max_segments_per_row) or None,
     ).map(_rename)
     batches = iter(rows.batch(local_batch, drop_remainder=True))
     prefetch = int(data_cfg.prefetch)
@@ -212,7 +213,8 @@ def eval_batches(
         text = sources.document_bytes(source[i], data_cfg)
         raw_bytes += len(text)
         chunks += packing.chunk_document(tok.encode(text), seq_len, tok.bos_id, tok.eos_id)
-    rows = packing.pack_first_fit(chunks, seq_len, tok.pad_id, num_bins=_EVAL_PACKING_BINS)
+    rows = packing.pack_first_fit(chunks, seq_len, tok.pad_id, num_bins=_EVAL_PACKING_BINS,
+                                  max_per_row=int(data_cfg.max_segments_per_row))
     num_rows = len(rows["tokens"])
     num_batches = max(-(-num_rows // global_batch_size), 1)
     filler = packing.padding_rows(num_batches * global_batch_size - num_rows, seq_len, tok.pad_id)

@@ -7,6 +7,7 @@ backward, which XLA:CPU runs faster (README, Performance).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -27,6 +28,47 @@ def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
     jax.nn.dot_product_attention does: no NaNs) and carries no loss weight.
     """
     return (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+
+
+class Packed(NamedTuple):
+    """The documents of each row as cuDNN's packed (THD) attention takes them: segment i of
+    row b covers positions offsets[b, i] ..< offsets[b, i] + seqlen[b, i]; unused slots hold
+    offset -1 and length 0. A pytree, so it travels through the scanned layers as a mask."""
+
+    seqlen: Array  # [batch, max_segments] int32
+    offsets: Array  # [batch, max_segments + 1] int32
+
+
+def packed_segments(segment_ids: Array, max_segments: int) -> Packed:
+    """The runs of equal segment id in each row [batch, t], padding's run included, so every
+    position lies in one segment and gets a defined output. A row with more than
+    `max_segments` runs would leave positions out: the data pipeline packs at most
+    data.max_segments_per_row documents per row, one run less than this."""
+    b, t = segment_ids.shape
+    new = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    starts = jax.vmap(lambda row: jnp.flatnonzero(row, size=max_segments + 1, fill_value=t))(new)
+    return Packed(jnp.diff(starts, axis=1).astype(jnp.int32),
+                  jnp.where(starts < t, starts, -1).astype(jnp.int32))
+
+
+def packed_mask(p: Packed, length: int) -> Array:
+    """[batch, 1, q, kv] True where query and key lie in the same segment of `p`; a position
+    outside every segment attends to nothing (cuDNN leaves its output undefined)."""
+    pos = jnp.arange(length)[None, :, None]
+    start = p.offsets[:, None, :-1]
+    inside = (start >= 0) & (start <= pos) & (pos < start + p.seqlen[:, None, :])  # [b, t, M]
+    seg = jnp.where(inside.any(-1), jnp.argmax(inside, -1), -1)
+    return segment_mask(seg, seg) & (seg >= 0)[:, None, None, :]
+
+
+def _cudnn_packed(q: Array, k: Array, v: Array, p: Packed, causal: bool) -> Array:
+    # jax.nn.dot_product_attention takes no segment offsets yet (jax PR #29731); its cuDNN
+    # path is this function, which takes them since jax PR #25812 (Hopper and later)
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    kind = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+    return cudnn.dot_product_attention(q, k, v, q_seqlen=p.seqlen, kv_seqlen=p.seqlen,
+                                       q_offsets=p.offsets, kv_offsets=p.offsets,
+                                       scale=q.shape[-1] ** -0.5, mask_type=kind)
 
 
 def causal_mask(length: int) -> Array:
@@ -168,8 +210,8 @@ def _attention_bwd(blocks: int, res, do: Array):
 _attention_cpu.defvjp(_attention_fwd, _attention_bwd)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, causal: bool,
-                          implementation: str | None = None) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Packed | None,
+                          causal: bool, implementation: str | None = None) -> Array:
     """softmax(QKᵀ/√d)V for q [b, t, heads, d] and k, v [b, s, kv_heads, d].
 
     `implementation` None picks per platform: cuDNN on NVIDIA GPUs where it applies
@@ -179,7 +221,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
     mask hides every key averages V as the library does, except that causal CPU attention
     in query blocks (`causal_blocks`) averages only the keys up to its block's end (the
     masks built here always keep the diagonal, so no row is fully hidden).
+
+    A `Packed` mask (config attention_impl 'cudnn_packed') runs cuDNN's packed attention where
+    `cudnn_applies` at compute capability 9.0 or later, else the same mask made dense.
     """
+    if isinstance(mask, Packed):
+        if cudnn_applies(q, k, v, None, min_capability=9.0):
+            return _cudnn_packed(q, k, v, mask, causal)
+        mask, implementation = packed_mask(mask, q.shape[1]), None
     if implementation is None and cudnn_applies(q, k, v, mask):
         implementation = "cudnn"
     library = lambda: jax.nn.dot_product_attention(  # noqa: E731
@@ -196,9 +245,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, caus
                                       default=library)
 
 
-def cudnn_applies(q: Array, k: Array, v: Array, mask: Array | None) -> bool:
+def cudnn_applies(q: Array, k: Array, v: Array, mask: Array | None,
+                  min_capability: float = 8.0) -> bool:
     """Whether the target devices (the mesh in context, e.g. a TPU pod's for an AOT compile,
-    else this process's) are NVIDIA GPUs of compute capability 8.0 or later and cuDNN
+    else this process's) are NVIDIA GPUs of compute capability `min_capability` or later
+    (9.0 for packed attention) and cuDNN
     flash attention takes these shapes: bf16 or f16, head_dim a multiple of 8 up to 128,
     and even lengths when there is a mask. 2.7x XLA's attention for llama_1b's train step
     on an H200 (README, Performance). Decided when tracing: JAX picks XLA for
@@ -209,7 +260,7 @@ def cudnn_applies(q: Array, k: Array, v: Array, mask: Array | None) -> bool:
         return False
     cc = getattr(jax.devices()[0], "compute_capability", 0)  # the target is this host's
     d, (t, s) = q.shape[-1], (q.shape[1], k.shape[1])
-    return ("nvidia" in dev.device_kind.lower() and float(cc or 0) >= 8.0
+    return ("nvidia" in dev.device_kind.lower() and float(cc or 0) >= min_capability
             and q.dtype in (jnp.bfloat16, jnp.float16) and d == v.shape[-1]
             and d % 8 == 0 and d <= 128 and (mask is None or (t % 2 == 0 and s % 2 == 0)))
 
@@ -264,7 +315,7 @@ class Attention(nn.Module):
     use_rope: bool = True
 
     @nn.compact
-    def __call__(self, x_q: Array, x_kv: Array, mask: Array | None,
+    def __call__(self, x_q: Array, x_kv: Array, mask: Array | Packed | None,
                  q_positions: Array | None = None, kv_positions: Array | None = None) -> Array:
         cfg = self.cfg
         proj = lambda heads, axis, name: Dense(  # noqa: E731

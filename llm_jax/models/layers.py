@@ -43,6 +43,7 @@ class ModelConfig:
     remat: str = "none"
     attention_impl: str | None = None
     document_mask: bool = True  # decoder: attend only within a packed document
+    max_segments: int = 0  # >0: attention_impl cudnn_packed, with this many documents per row
     qkv_conv: int = 0
     num_decoder_layers: int = 0  # encoder_decoder: decoder depth (0: num_layers)
     left_to_right: bool = False  # encoder: causal attention (BERT's LTR ablation)
@@ -57,7 +58,9 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, m: ml_collections.ConfigDict, vocab_size: int,
-                    seq_len: int, heads: tuple[str, ...] = ()) -> "ModelConfig":
+                    seq_len: int, heads: tuple[str, ...] = (),
+                    max_segments_per_row: int = 0) -> "ModelConfig":
+        packed = m.attention_impl == "cudnn_packed"
         return cls(
             vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
             num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
@@ -67,8 +70,10 @@ class ModelConfig:
             tie_embeddings=m.tie_embeddings, use_bias=m.use_bias,
             dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
             scan_layers=m.scan_layers, remat=m.remat,
-            attention_impl=None if m.attention_impl == "auto" else m.attention_impl,
-            document_mask=m.document_mask,
+            # cudnn_packed is the decoder's Packed mask (max_segments), else auto
+            attention_impl=None if m.attention_impl in ("auto", "cudnn_packed")
+            else m.attention_impl,
+            document_mask=m.document_mask, max_segments=max_segments_per_row if packed else 0,
             qkv_conv=m.qkv_conv, num_decoder_layers=m.num_decoder_layers or m.num_layers,
             left_to_right=m.left_to_right, heads=heads, num_classes=m.num_classes)
 

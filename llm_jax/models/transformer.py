@@ -6,7 +6,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.models.attention import ATTENTION_RESIDUALS, Attention, segment_mask
+from llm_jax.models.attention import (
+    ATTENTION_RESIDUALS,
+    Attention,
+    Packed,
+    packed_segments,
+    segment_mask,
+)
 from llm_jax.models.layers import Dense, Embed, Mlp, ModelConfig, matmul, norm
 
 Array = jax.Array
@@ -41,7 +47,7 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, positions: Array,
+    def __call__(self, x: Array, mask: Array | Packed | None, positions: Array,
                  encoded: Array | None = None,
                  cross_mask: Array | None = None) -> tuple[Array, None]:
         cfg = self.cfg
@@ -69,7 +75,7 @@ class Stack(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, positions: Array,
+    def __call__(self, x: Array, mask: Array | Packed | None, positions: Array,
                  encoded: Array | None = None, cross_mask: Array | None = None) -> Array:
         cfg = self.cfg
         block = Block
@@ -150,6 +156,8 @@ class DecoderLM(nn.Module):
                  logits: bool = True) -> dict[str, Array]:
         cfg, positions, seg = self.cfg, batch["positions"], batch["segment_ids"]
         mask = segment_mask(seg, seg) if cfg.document_mask else None
+        if cfg.max_segments:  # attention_impl cudnn_packed: the documents and padding's run
+            mask = packed_segments(seg, cfg.max_segments + 1)
         if not cfg.document_mask:  # one sequence per row, as GPT-2 trains on packed rows
             positions = jnp.broadcast_to(jnp.arange(seg.shape[1]), seg.shape)
         embed = _embed(cfg)
