@@ -80,6 +80,17 @@ def test_peak_flops_by_device_kind(monkeypatch, kind, per_chip):
         assert "bf16 peak" in metrics.peak_flops(0, jnp.float32)[1]
 
 
+@pytest.mark.parametrize("bf16,f32,peak,source", [
+    (950e9, 190e9, 950e9, "measured"),  # avx512_bf16: bf16 inputs are the faster ones
+    (90e9, 150e9, 150e9, "measured f32, faster than bfloat16 on this CPU")])  # AVX2 only
+def test_cpu_peak_is_the_faster_matmul(monkeypatch, bf16, f32, peak, source):
+    measured = {jnp.dtype(jnp.bfloat16): bf16, jnp.dtype(jnp.float32): f32}
+    monkeypatch.setattr(metrics, "measure_cpu_peak", lambda d, **_: measured[jnp.dtype(d)])
+    assert metrics.peak_flops(0, jnp.bfloat16) == (peak, source)
+    assert metrics.peak_flops(0, jnp.float32) == (f32, "measured")
+    assert metrics.peak_flops(123e9, jnp.bfloat16) == (123e9, "config")
+
+
 @pytest.mark.parametrize("flags,says", [
     ("fpu sse2 avx2 fma avx512f avx512_bf16", "avx2 fma avx512f avx512_bf16 (no amx_bf16)"),
     ("fpu sse2 avx avx2 fma", "avx2 fma (no avx512f avx512_bf16 amx_bf16)"),
