@@ -29,6 +29,7 @@ def make_cfg(data_dir: str, **overrides) -> ml_collections.ConfigDict:
             tokenizer_train_bytes=300_000,
             tokenizer_pieces="spans",
             worker_threads=1,
+            max_segments_per_row=0,
             prefetch=2,
         )
     )
