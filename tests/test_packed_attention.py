@@ -51,12 +51,29 @@ def test_packed_segments_are_the_runs_and_rebuild_the_document_mask(max_per_row)
         assert len(runs) <= max_per_row + 1  # the packer's limit, plus padding's run
         n = len(runs)
         assert [(int(o), int(s)) for o, s in zip(offsets[:n], seqlen[:n])] == runs
-        assert (offsets[n:] == -1).all() and (seqlen[n:] == 0).all()
+        assert (offsets[n:] == -1).all() and (seqlen[n:] == -1).all()
     np.testing.assert_array_equal(packed_mask(p, 32), segment_mask(seg, seg))
 
 
+def test_segments_survive_jax_cudnn_repacking():
+    """jax's cuDNN wrapper turns the [batch, M] segments into one list over the batch (its
+    `_fix_seqlen_offsets`, plain jnp, so it runs here): each row's runs must come out in
+    order, at the row's offset in the flattened batch, with their own lengths."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    seg = np.concatenate([_packed_rows(1, 4, seq_len=32), np.zeros((1, 32), np.int32)])
+    b, t, heads, d = len(seg), 32, 2, 8
+    p = packed_segments(jnp.asarray(seg), 5)
+    q = jnp.zeros((b, t, heads, d))
+    seqlen, _, offsets, _ = cudnn._fix_seqlen_offsets(p.seqlen, p.seqlen, p.offsets,
+                                                      p.offsets, q, q)
+    want = [(r * t + o, n) for r, row in enumerate(seg) for o, n in _naive_runs(row)]
+    got = list(zip((np.asarray(offsets).ravel() // (heads * d)).tolist(),
+                   np.asarray(seqlen).ravel().tolist()))
+    assert len(want) < b * 5 and got[:len(want)] == want
+
+
 def test_a_position_outside_every_segment_attends_to_nothing():
-    p = Packed(jnp.array([[3, 2, 0]]), jnp.array([[0, 3, -1, -1]]))  # positions 5.. left out
+    p = Packed(jnp.array([[3, 2, -1]]), jnp.array([[0, 3, -1, -1]]))  # positions 5.. left out
     m = np.asarray(packed_mask(p, 8))[0, 0]
     assert m[:5, :5].sum() == 3 * 3 + 2 * 2 and not m[5:].any() and not m[:, 5:].any()
 

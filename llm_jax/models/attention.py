@@ -33,7 +33,9 @@ def segment_mask(q_segment_ids: Array, kv_segment_ids: Array) -> Array:
 class Packed(NamedTuple):
     """The documents of each row as cuDNN's packed (THD) attention takes them: segment i of
     row b covers positions offsets[b, i] ..< offsets[b, i] + seqlen[b, i]; unused slots hold
-    offset -1 and length 0. A pytree, so it travels through the scanned layers as a mask."""
+    -1 in both (jax's wrapper moves the non-negative entries of each to the front, so a
+    length 0 would pair with the next row's offset). A pytree, so it travels through the
+    scanned layers as a mask."""
 
     seqlen: Array  # [batch, max_segments] int32
     offsets: Array  # [batch, max_segments + 1] int32
@@ -47,8 +49,9 @@ def packed_segments(segment_ids: Array, max_segments: int) -> Packed:
     b, t = segment_ids.shape
     new = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
     starts = jax.vmap(lambda row: jnp.flatnonzero(row, size=max_segments + 1, fill_value=t))(new)
-    return Packed(jnp.diff(starts, axis=1).astype(jnp.int32),
-                  jnp.where(starts < t, starts, -1).astype(jnp.int32))
+    used = starts < t
+    return Packed(jnp.where(used[:, :-1], jnp.diff(starts, axis=1), -1).astype(jnp.int32),
+                  jnp.where(used, starts, -1).astype(jnp.int32))
 
 
 def packed_mask(p: Packed, length: int) -> Array:
