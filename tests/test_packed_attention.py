@@ -72,6 +72,15 @@ def test_segments_survive_jax_cudnn_repacking():
     assert len(want) < b * 5 and got[:len(want)] == want
 
 
+def test_a_row_over_the_segment_limit_keeps_the_other_rows_intact():
+    """Two slots, three runs in row 0: its last slot runs to the row's end, and row 1's
+    segments keep their own offsets and lengths."""
+    seg = jnp.array([[1, 1, 2, 2, 3, 3, 0, 0], [1, 1, 1, 1, 2, 2, 2, 2]])
+    p = jax.tree.map(np.asarray, packed_segments(seg, 2))
+    np.testing.assert_array_equal(p.seqlen, [[2, 6], [4, 4]])
+    np.testing.assert_array_equal(p.offsets, [[0, 2, -1], [0, 4, -1]])
+
+
 def test_a_position_outside_every_segment_attends_to_nothing():
     p = Packed(jnp.array([[3, 2, -1]]), jnp.array([[0, 3, -1, -1]]))  # positions 5.. left out
     m = np.asarray(packed_mask(p, 8))[0, 0]
@@ -108,13 +117,22 @@ def test_packed_attention_calls_cudnn_with_the_segments_on_hopper(monkeypatch):
     monkeypatch.setattr(attention.jax, "devices", lambda *a: [fake])
     seen = {}
     monkeypatch.setattr(cudnn, "dot_product_attention",
-                        lambda q, k, v, **kw: seen.update(kw) or q)
+                        lambda q, k, v, **kw: seen.update(kw, k=k, v=v) or q)
     q = jnp.zeros((2, 16, 4, 64), jnp.bfloat16)
     p = packed_segments(jnp.array([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4]), 3)
     attention.dot_product_attention(q, q, q, p, causal=True)
     assert seen["mask_type"] == cudnn.MaskType.PADDING_CAUSAL and seen["scale"] == 64 ** -0.5
     for side in ("q", "kv"):
         assert seen[f"{side}_seqlen"] is p.seqlen and seen[f"{side}_offsets"] is p.offsets
+    # GQA: key head j serves query heads 2j and 2j+1, repeated for cuDNN where its wrapper
+    # would scale the kv offsets by the query's heads (jax 0.10.2, installed here)
+    k = jnp.arange(2, dtype=jnp.bfloat16).reshape(1, 1, 2, 1) * jnp.ones((2, 16, 2, 64))
+    attention.dot_product_attention(q, k, k, p, causal=True)
+    if attention._kv_offsets_follow_kv_heads():
+        assert seen["k"] is k
+    else:
+        assert seen["k"].shape == q.shape
+        np.testing.assert_array_equal(seen["k"][0, 0, :, 0], [0, 0, 1, 1])
     fake.compute_capability = "8.0"  # Ampere has no packed layout: the dense mask instead
     seen.clear()
     monkeypatch.setattr(attention.jax.nn, "dot_product_attention",

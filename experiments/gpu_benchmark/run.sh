@@ -50,7 +50,7 @@ bench() {  # result name, config name, batch size, then overrides; A=... sets th
 }
 # Each model as configured (document_mask on: exact packing), then with GPT-2-style
 # cross-document attention, which lets cuDNN run plain causal flash attention; then larger
-# batches and llama_1b without remat, which the H200's 141 GB hold.
+# batches, which the H200's 141 GB hold.
 # llama_1b: 1.1B params, seq 2048. gpt2_small: 124M params, seq 1024.
 nodoc=--config.model.document_mask=false
 bench llama_1b llama_1b 16
@@ -62,7 +62,9 @@ bench gpt2_small_b64_nodocmask gpt2_small 64 $nodoc
 # Exact document masking through cuDNN's packed attention (Hopper or later; experimental,
 # not yet run on a GPU): first its output and gradients against XLA's masked attention
 # (skipped off Hopper), then llama_1b with it; the synthetic rows hold one document each,
-# so it does the work of plain causal attention, as MFU counts it.
+# so it does the work of plain causal attention, as MFU counts it. cuDNN keeps softmax
+# statistics per segment slot, [batch·(16+1), heads, seq] f32 per layer (~3 GB in all
+# for llama_1b at batch 32), so the batch-32 run may not fit an 80 GB GPU.
 echo "== packed attention check: start $(date +%T)"
 timeout -s ABRT -k 10 "${LIMIT:-150}" python -m pytest -q -p no:cacheprovider \
   tests/test_packed_attention.py -k on_gpu -rs

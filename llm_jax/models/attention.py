@@ -43,15 +43,18 @@ class Packed(NamedTuple):
 
 def packed_segments(segment_ids: Array, max_segments: int) -> Packed:
     """The runs of equal segment id in each row [batch, t], padding's run included, so every
-    position lies in one segment and gets a defined output. A row with more than
-    `max_segments` runs would leave positions out: the data pipeline packs at most
-    data.max_segments_per_row documents per row, one run less than this."""
+    position lies in one segment and gets a defined output. The data pipeline packs at most
+    data.max_segments_per_row documents per row, one run less than `max_segments`; in a row
+    with more runs the last segment runs to the row's end, so the row's excess documents
+    see each other but no other row's segments shift."""
     b, t = segment_ids.shape
     new = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    starts = jax.vmap(lambda row: jnp.flatnonzero(row, size=max_segments + 1, fill_value=t))(new)
+    starts = jax.vmap(lambda row: jnp.flatnonzero(row, size=max_segments, fill_value=t))(new)
     used = starts < t
-    return Packed(jnp.where(used[:, :-1], jnp.diff(starts, axis=1), -1).astype(jnp.int32),
-                  jnp.where(used, starts, -1).astype(jnp.int32))
+    ends = jnp.concatenate([starts[:, 1:], jnp.full((b, 1), t, starts.dtype)], 1)
+    return Packed(jnp.where(used, ends - starts, -1).astype(jnp.int32),
+                  jnp.pad(jnp.where(used, starts, -1), ((0, 0), (0, 1)),
+                          constant_values=-1).astype(jnp.int32))
 
 
 def packed_mask(p: Packed, length: int) -> Array:
@@ -64,11 +67,30 @@ def packed_mask(p: Packed, length: int) -> Array:
     return segment_mask(seg, seg) & (seg >= 0)[:, None, None, :]
 
 
+@functools.cache
+def _kv_offsets_follow_kv_heads() -> bool:
+    """Whether jax's cuDNN wrapper scales the kv offsets by the key's heads: jax 0.10.2's
+    `_fix_seqlen_offsets` uses the query's, which with GQA points cuDNN at the wrong keys.
+    Asked of the wrapper itself, on two one-token segments."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    try:
+        with jax.ensure_compile_time_eval():
+            q, k = jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 1, 1))
+            seqlen, offsets = jnp.array([[1, 1]]), jnp.array([[0, 1, -1]])
+            kv = cudnn._fix_seqlen_offsets(seqlen, seqlen, offsets, offsets, q, k)[3]
+            return int(kv[0, 1]) == 1  # token 1 at 1 key head of width 1
+    except (AttributeError, TypeError, ValueError):  # another wrapper: assume the old bug
+        return False
+
+
 def _cudnn_packed(q: Array, k: Array, v: Array, p: Packed, causal: bool) -> Array:
     # jax.nn.dot_product_attention takes no segment offsets yet (jax PR #29731); its cuDNN
     # path is this function, which takes them since jax PR #25812 (Hopper and later)
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
     kind = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+    if k.shape[2] != q.shape[2] and not _kv_offsets_follow_kv_heads():
+        # GQA as MHA: each query head gets its group's key and value head
+        k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
     return cudnn.dot_product_attention(q, k, v, q_seqlen=p.seqlen, kv_seqlen=p.seqlen,
                                        q_offsets=p.offsets, kv_offsets=p.offsets,
                                        scale=q.shape[-1] ** -0.5, mask_type=kind)
