@@ -155,9 +155,10 @@ class DecoderLM(nn.Module):
     def __call__(self, batch: dict[str, Array], deterministic: bool = True,
                  logits: bool = True) -> dict[str, Array]:
         cfg, positions, seg = self.cfg, batch["positions"], batch["segment_ids"]
-        mask = segment_mask(seg, seg) if cfg.document_mask else None
         if cfg.max_segments:  # attention_impl cudnn_packed: the documents and padding's run
             mask = packed_segments(seg, cfg.max_segments + 1)
+        else:
+            mask = segment_mask(seg, seg) if cfg.document_mask else None
         if not cfg.document_mask:  # one sequence per row, as GPT-2 trains on packed rows
             positions = jnp.broadcast_to(jnp.arange(seg.shape[1]), seg.shape)
         embed = _embed(cfg)
