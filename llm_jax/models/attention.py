@@ -253,7 +253,11 @@ def _attention_batched(q: Array, k: Array, v: Array, mask: Array, blocks: int = 
         sc = jnp.einsum("bqd,bsd->bqs", qb, kh[:, :end], preferred_element_type=jnp.float32)
         sc = jnp.where(m[..., lo:hi, :end], sc.reshape(b, kv_heads, group, hi - lo, end)
                        * d ** -0.5, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(sc, axis=-1)  # a fully masked row averages V, as in the library
+        # softmax by hand, its backward's inputs named so that remat `dots_attention` keeps
+        # them; a fully masked row (all min) averages V, as in the library
+        e = jnp.exp(sc - jax.lax.stop_gradient(sc.max(-1, keepdims=True)))
+        e, total = checkpoint_name((e, e.sum(-1, keepdims=True)), ATTENTION_RESIDUALS)
+        p = e * (1 / total)
         o = jnp.einsum("bqs,bsd->bqd", p.reshape(b * kv_heads, -1, end).astype(v.dtype),
                        vh[:, :end], preferred_element_type=jnp.float32)
         outs.append(o.reshape(b, kv_heads, group, hi - lo, d))
