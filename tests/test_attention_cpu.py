@@ -1,25 +1,13 @@
-"""The CPU attention against jax.nn.dot_product_attention's XLA implementation: values and
-gradients, with GQA, padding/segment masks and causal masking, for both CPU versions (the
-16-bit head loop with its hand-written FlashAttention-style backward, and the batched one
-that 32-bit inputs take). dot_product_attention picks them only on CPU, so these run on CPU
-(conftest)."""
-import re
-
+"""The CPU attention (hand-written FlashAttention-style backward) against
+jax.nn.dot_product_attention's XLA implementation: values and gradients, with GQA,
+padding/segment masks and causal masking. dot_product_attention picks our version only on
+CPU, so these run on CPU (conftest)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.models import attention
 from llm_jax.models.attention import causal_blocks, dot_product_attention, segment_mask
-
-
-@pytest.fixture(params=["batched", "head_loop"])
-def cpu_version(request, monkeypatch):
-    """f32 inputs take the batched version; "head_loop" sends them through the 16-bit one."""
-    if request.param == "head_loop":
-        monkeypatch.setattr(attention, "_attention_batched", attention._attention_cpu)
-    return request.param
 
 
 def assert_matches_library(q, k, v, mask, causal, cot):
@@ -38,7 +26,7 @@ def assert_matches_library(q, k, v, mask, causal, cot):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_cpu_attention_matches_library(causal, heads, kv_heads, masked, cpu_version):
+def test_cpu_attention_matches_library(causal, heads, kv_heads, masked):
     rng = np.random.default_rng(heads * 10 + kv_heads + 100 * causal + 1000 * masked)
     b, t, d = 2, 12, 8
     q = jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
@@ -53,7 +41,7 @@ def test_cpu_attention_matches_library(causal, heads, kv_heads, masked, cpu_vers
 
 @pytest.mark.parametrize("t,kv_heads,causal", [(128, 2, True), (256, 2, True),
                                                (256, 4, True), (64, 2, False)])
-def test_long_attention_matches_library(t, kv_heads, causal, cpu_version):
+def test_long_attention_matches_library(t, kv_heads, causal):
     """Long enough for query blocks that skip the masked upper triangle (2 and 4 blocks)
     and for dK and dV to contract a split query dim (`layers._contract`)."""
     if causal:
@@ -68,7 +56,7 @@ def test_long_attention_matches_library(t, kv_heads, causal, cpu_version):
 
 
 @pytest.mark.parametrize("t,s", [(6, 5), (64, 48)])
-def test_fully_masked_rows_match_library(t, s, cpu_version):
+def test_fully_masked_rows_match_library(t, s):
     """Cross-attention: padding queries whose keys hold no padding see no key at all (at
     t = 64 through the split query-dim contraction of dK and dV)."""
     rng = np.random.default_rng(7 + t)
@@ -112,13 +100,3 @@ def test_cpu_attention_16_bit_grads_close_to_f32(kv_heads, causal, dtype):
         assert g.dtype == dtype
         scale = float(jnp.abs(w).max())
         np.testing.assert_allclose(g.astype(jnp.float32) / scale, w / scale, atol=3e-2)
-
-
-@pytest.mark.parametrize("dtype,loop", [(jnp.float32, False), (jnp.bfloat16, True),
-                                        (jnp.float16, True)])
-def test_cpu_attention_version_follows_dtype(dtype, loop):
-    """16-bit inputs take the head loop (a fori_loop: a scan in the jaxpr), 32-bit ones the
-    batched version (no loop)."""
-    q = jnp.zeros((1, 8, 2, 4), dtype)
-    jaxpr = str(jax.make_jaxpr(lambda q: dot_product_attention(q, q, q, None, True))(q))
-    assert bool(re.search(r"\b(scan|while)\[", jaxpr)) == loop, jaxpr

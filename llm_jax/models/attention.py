@@ -235,37 +235,6 @@ def _attention_bwd(blocks: int, res, do: Array):
 _attention_cpu.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _attention_batched(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1) -> Array:
-    """`_attention_cpu`'s math for 32-bit inputs: every head in one batched dot per query
-    block, and autodiff's backward. Without 16-bit conversions to avoid, the heads' one-time
-    transposes are cheap: on an AVX2-only host a bench_small layer's attention runs 1.2-1.5x
-    faster than in the head loop, and the f32 step 3.9% faster (README, Performance)."""
-    b, t, heads, d = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    # a group's query heads stacked along the length: one [b * kv_heads] batch of dots
-    qh = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4)
-    kh, vh = (x.transpose(0, 2, 1, 3).reshape(b * kv_heads, s, d) for x in (k, v))
-    m = mask[:, :, None]  # [b or 1, 1, 1, t, s] against scores [b, kv_heads, group, t, s]
-    outs = []
-    for lo, hi, end in _spans(t, s, blocks):
-        qb = qh[:, :, :, lo:hi].reshape(b * kv_heads, group * (hi - lo), d)
-        sc = jnp.einsum("bqd,bsd->bqs", qb, kh[:, :end], preferred_element_type=jnp.float32)
-        sc = jnp.where(m[..., lo:hi, :end], sc.reshape(b, kv_heads, group, hi - lo, end)
-                       * d ** -0.5, jnp.finfo(jnp.float32).min)
-        # softmax by hand, its backward's inputs named so that remat `dots_attention` keeps
-        # them; a fully masked row (all min) averages V, as in the library
-        e = jnp.exp(sc - jax.lax.stop_gradient(sc.max(-1, keepdims=True)))
-        e, total = checkpoint_name((e, e.sum(-1, keepdims=True)), ATTENTION_RESIDUALS)
-        p = e * (1 / total)
-        o = jnp.einsum("bqs,bsd->bqd", p.reshape(b * kv_heads, -1, end).astype(v.dtype),
-                       vh[:, :end], preferred_element_type=jnp.float32)
-        outs.append(o.reshape(b, kv_heads, group, hi - lo, d))
-    o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, 3)
-    o = o.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, d).astype(q.dtype)
-    return checkpoint_name(o, ATTENTION_RESIDUALS)
-
-
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Packed | None,
                           causal: bool, implementation: str | None = None) -> Array:
     """softmax(QKᵀ/√d)V for q [b, t, heads, d] and k, v [b, s, kv_heads, d].
@@ -297,8 +266,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Packed | N
     if causal:
         full = full & causal_mask(t)
         blocks = causal_blocks(t) if t == k.shape[1] else 1
-    cpu = _attention_cpu if q.dtype.itemsize == 2 else _attention_batched
-    return jax.lax.platform_dependent(cpu=lambda: cpu(q, k, v, full, blocks), default=library)
+    return jax.lax.platform_dependent(cpu=lambda: _attention_cpu(q, k, v, full, blocks),
+                                      default=library)
 
 
 def cudnn_applies(q: Array, k: Array, v: Array, mask: Array | None,
