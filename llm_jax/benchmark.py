@@ -167,8 +167,8 @@ def format_table(res: dict) -> str:
         rows.append(("input pipeline", f"not measured: {res['pipeline_error']}"))
     width = max(len(r[0]) for r in rows)
     table = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-    if res["peak_source"].startswith("measured f32"):  # a bf16 run on an AVX2-only host
-        table += ("\nhint: f32 matmuls are faster than bf16 ones on this CPU; "
+    if res["peak_source"].startswith("measured f32"):  # e.g. bf16 on an AVX2-only host
+        table += ("\nhint: f32 matmuls run faster than this run's compute dtype on this CPU; "
                   "--config.model.dtype=float32 may train faster (README, Performance)")
     return table
 
