@@ -16,6 +16,10 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/side_by_side}
 torch=${TORCH_PYTHON:?set TORCH_PYTHON to a python that has torch, e.g. a venv with pip install torch}
 runs=${RUNS:-jax torch_f32 torch_bf16 torch_bf16_malloc}
+known=" jax jax_f32 torch_f32 torch_compile torch_bf16 torch_bf16_malloc "
+for r in $runs; do  # before any run: a typo must not surface after minutes of timing
+  [[ $known == *" $r "* ]] || { echo "RUNS: unknown run '$r'; use${known% }" >&2; exit 2; }
+done
 mkdir -p "$out"
 malloc=(MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000)
 jax=(python -m llm_jax.benchmark --config configs/bench_small.py --steps 20 --nopipeline)
@@ -30,8 +34,6 @@ for p in $(seq "${PAIRS:-2}"); do
       torch_compile) cmd=("${ref[@]}" --compile) ;;
       torch_bf16) cmd=("${ref[@]}" --bf16) ;;
       torch_bf16_malloc) cmd=(env "${malloc[@]}" "${ref[@]}" --bf16) ;;
-      *) echo "RUNS: unknown run '$r'; use jax jax_f32 torch_f32 torch_compile torch_bf16" \
-           "torch_bf16_malloc" >&2; exit 2 ;;
     esac
     "${cmd[@]}" > "$out/${r}_$p.log" 2>&1
   done
