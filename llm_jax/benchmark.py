@@ -63,13 +63,13 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
     import jax
     import numpy as np
 
-    from llm_jax import metrics, op_profile, trainer
+    from llm_jax import host_cpu, metrics, op_profile, trainer
 
     t, seq = config.train, config.data.seq_len
     res: dict = {"config": config.model.to_dict(), "devices": jax.device_count(),
                  "device_kind": jax.devices()[0].device_kind, "batch_size": t.batch_size,
                  "seq_len": seq, "steps": steps, "warmup_steps": warmup,
-                 "host_cpu": metrics.host_cpu()}
+                 "host_cpu": host_cpu.host_cpu()}
     logging.info("benchmark: %d %s device(s); initializing and compiling the train step",
                  jax.device_count(), res["device_kind"])
     (tr, compiled, state, state_sh, batch, res["compile_s"],

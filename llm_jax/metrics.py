@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
-import re
 import sys
 import time
 from typing import Any, TextIO
@@ -100,29 +98,6 @@ def measure_cpu_peak(dtype: Any = jnp.bfloat16, n: int = 2048, repeats: int = 20
         f(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
-
-
-# vector extensions that decide XLA:CPU's matmul speed (oneDNN): bf16 runs ~10x faster
-# with avx512_bf16 or amx_bf16 than on an AVX2-only host, where f32 is as fast
-CPU_MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
-
-
-def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The host's CPU model, its core count and which of CPU_MATMUL_FLAGS it has, e.g.
-    'AMD EPYC, 2 cores, avx2 fma (no avx512f avx512_bf16 amx_bf16)'; CPU figures compare
-    only between hosts with the same flags."""
-    try:
-        with open(cpuinfo) as f:
-            text = f.read()
-    except OSError:  # not Linux: no flags to read
-        return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    have = set(flags.group(1).split()) if flags else set()
-    yes = [f for f in CPU_MATMUL_FLAGS if f in have]
-    no = [f for f in CPU_MATMUL_FLAGS if f not in have]
-    return (f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores, "
-            f"{' '.join(yes) or 'no AVX2'}" + (f" (no {' '.join(no)})" if no else ""))
 
 
 def peak_flops(configured: float, dtype: Any) -> tuple[float, str]:

@@ -89,16 +89,3 @@ def test_cpu_peak_is_the_faster_matmul(monkeypatch, bf16, f32, peak, source):
     assert metrics.peak_flops(0, jnp.bfloat16) == (peak, source)
     assert metrics.peak_flops(0, jnp.float32) == (f32, "measured")
     assert metrics.peak_flops(123e9, jnp.bfloat16) == (123e9, "config")
-
-
-@pytest.mark.parametrize("flags,says", [
-    ("fpu sse2 avx2 fma avx512f avx512_bf16", "avx2 fma avx512f avx512_bf16 (no amx_bf16)"),
-    ("fpu sse2 avx avx2 fma", "avx2 fma (no avx512f avx512_bf16 amx_bf16)"),
-    ("fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile",
-     "avx2 fma avx512f avx512_bf16 amx_bf16")])
-def test_host_cpu_names_the_matmul_extensions(tmp_path, flags, says):
-    info = tmp_path / "cpuinfo"
-    info.write_text(f"processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n\n"
-                    f"processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n")
-    assert metrics.host_cpu(str(info)).split(", ", 2)[::2] == ["Test CPU 9000", says]
-    assert "cores" in metrics.host_cpu(str(tmp_path / "absent"))  # not Linux: no flags

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.models.layers import Dense, ModelConfig, _contract, init_std, rotary
+from llm_jax.models.layers import Dense, ModelConfig, _contract, cpu_dot_operands, init_std, rotary
 
 Array = jax.Array
 ATTENTION_RESIDUALS = "attention_residuals"  # the CPU forward's saved outputs, for remat
@@ -123,7 +123,7 @@ def _put(x: Array, y: Array, i: Array, dtype: jnp.dtype) -> Array:
 
 def _scores(q: Array, k: Array, mask: Array) -> Array:
     """Masked, scaled logits [b, q, kv] in f32 for one head."""
-    s = jnp.einsum("btd,bsd->bts", q, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("btd,bsd->bts", *cpu_dot_operands(q, k), preferred_element_type=jnp.float32)
     return jnp.where(mask, s * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
 
 
@@ -172,7 +172,8 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
             mx = s.max(-1, keepdims=True)
             e = jnp.exp(s - mx)
             total = e.sum(-1, keepdims=True)
-            outs.append(jnp.einsum("bts,bsd->btd", (e * (1 / total)).astype(vi.dtype), vi[:, :end],
+            p = (e * (1 / total)).astype(vi.dtype)
+            outs.append(jnp.einsum("bts,bsd->btd", *cpu_dot_operands(p, vi[:, :end]),
                                    preferred_element_type=jnp.float32))
             mxs.append(mx)
             totals.append(total)
@@ -207,10 +208,11 @@ def _attention_bwd(blocks: int, res, do: Array):
             mx, total = row_max[i][:, lo:hi], row_sum[i][:, lo:hi]
             mb = m[:, lo:hi, :end]
             p = _probs(_scores(qb, kb, mb), mx, total)
-            dp = jnp.einsum("btd,bsd->bts", dob, vb, preferred_element_type=f32)
+            dp = jnp.einsum("btd,bsd->bts", *cpu_dot_operands(dob, vb), preferred_element_type=f32)
             # a masked score is a constant: no gradient (matters in fully masked rows)
             ds = jnp.where(mb, p * (dp - deltai[:, lo:hi]) * scale, 0).astype(q.dtype)
-            dqs.append(jnp.einsum("bts,bsd->btd", ds, kb, preferred_element_type=f32))
+            dqs.append(jnp.einsum("bts,bsd->btd", *cpu_dot_operands(ds, kb),
+                                  preferred_element_type=f32))
             # dK = dSᵀ·Q and dV = Pᵀ·dO contract the query dim, split in two (`_contract`)
             dki = dki.at[:, :end].add(_contract(ds, qb, (1,), (1,), "inner", batch=1))
             dvi = dvi.at[:, :end].add(_contract(p.astype(q.dtype), dob, (1,), (1,), "inner",
