@@ -166,11 +166,7 @@ def format_table(res: dict) -> str:
     elif "pipeline_error" in res:
         rows.append(("input pipeline", f"not measured: {res['pipeline_error']}"))
     width = max(len(r[0]) for r in rows)
-    table = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-    if res["peak_source"].startswith("measured f32"):  # e.g. bf16 on an AVX2-only host
-        table += ("\nhint: f32 matmuls run faster than this run's compute dtype on this CPU; "
-                  "--config.model.dtype=float32 may train faster (README, Performance)")
-    return table
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def check_flags(fv: flags.FlagValues) -> None:
