@@ -151,10 +151,18 @@ def _spans(t: int, s: int, blocks: int) -> list[tuple[int, int, int]]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention_cpu(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1) -> Array:
     """Attention for q [b, t, heads, d], k and v [b, s, kv_heads, d] and mask [b or 1, 1,
-    t, s], one head at a time in a loop: XLA:CPU runs the heads' dots 1.5-3x slower side by
-    side (each wants both cores) or batched over heads (their transposes make f32 copies).
+    t, s], one head at a time in a loop: XLA:CPU runs the heads' 16-bit dots 1.5-3x slower
+    side by side (each wants both cores) or batched over heads (their transposes make f32
+    copies); f32 inputs unroll the loop (`_unroll`).
     With `blocks` > 1 (causal only) query block r attends to keys of blocks 0..r only."""
     return _attention_fwd(q, k, v, mask, blocks)[0]
+
+
+def _unroll(q: Array) -> int:
+    """Heads per loop iteration: all of them for f32 inputs, whose unrolled loop XLA:CPU
+    runs faster (+14% for f32 bench_small on an AVX2-only host; README, Performance), else
+    one."""
+    return q.shape[2] if q.dtype == jnp.float32 else 1
 
 
 def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
@@ -183,7 +191,7 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
     stats = jnp.zeros((heads,) + q.shape[:2] + (1,), jnp.float32)
     qs, ks, vs = _bits(q), _bits(k), _bits(v)
     o, row_max, row_sum = jax.lax.fori_loop(0, heads, head, (_bits(jnp.zeros_like(q)), stats,
-                                                             stats))
+                                                             stats), unroll=_unroll(q))
     o = checkpoint_name(_float(o, q.dtype), ATTENTION_RESIDUALS)
     row_max, row_sum = checkpoint_name((row_max, row_sum), ATTENTION_RESIDUALS)
     return o, (q, k, v, mask, o, row_max, row_sum)
@@ -229,7 +237,7 @@ def _attention_bwd(blocks: int, res, do: Array):
     qs, ks, vs, dos = _bits(q), _bits(k), _bits(v), _bits(do)
     init = tuple(_bits(jnp.zeros(x.shape, d))
                  for x, d in ((q, q.dtype), (k, acc_k), (v, acc_v)))
-    dq, dk, dv = jax.lax.fori_loop(0, heads, head, init)
+    dq, dk, dv = jax.lax.fori_loop(0, heads, head, init, unroll=_unroll(q))
     return (_float(dq, q.dtype), _float(dk, acc_k).astype(k.dtype),
             _float(dv, acc_v).astype(v.dtype), None)
 
