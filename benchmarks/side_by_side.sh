@@ -3,8 +3,8 @@
 # one run at a time (nothing else should run on the cores). TORCH_PYTHON is a python with
 # torch installed (not a dependency of llm_jax). RUNS picks the runs, in order:
 #   jax        llm_jax as configured (bf16 compute)
-#   jax_f32    llm_jax with --config.model.dtype=float32 (as fast as bf16 on AVX2-only
-#              hosts, whose bf16 dots take f32 operands)
+#   jax_f32    llm_jax with --config.model.dtype=float32 (on AVX2-only hosts, whose bf16
+#              dots take f32 operands, within ~10% of bf16 either way)
 #   torch_f32  PyTorch eager f32;  torch_compile  torch.compile f32
 #   torch_bf16 PyTorch eager with bf16 autocast (very slow on AVX2-only hosts)
 #   torch_bf16_malloc  the same under llm_jax's glibc malloc settings

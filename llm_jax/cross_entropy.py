@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax.models.layers import _contract, matmul
+from llm_jax.models.layers import _contract, cpu_dot_operands, matmul
 
 Array = jax.Array
 CHUNK = 512  # tokens per chunk on CPU (measured alike from 256 to 1,024 at vocab 8192)
@@ -73,10 +73,10 @@ def _chunk_stats(xc: Array, wb: Array, yc: Array, wc: Array):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked_sums(x: Array, head: Array, y: Array, w: Array, dtype: Any) -> tuple[Array, Array]:
     """x [chunks, chunk, embed]; without gradients, only the sums."""
-    wb = head.astype(dtype)
+    wb, = cpu_dot_operands(head.astype(dtype))  # once, not per chunk
 
     def body(acc, xs):
-        loss, hit, _ = _chunk_stats(xs[0].astype(dtype), wb, xs[1], xs[2])
+        loss, hit, _ = _chunk_stats(*cpu_dot_operands(xs[0].astype(dtype)), wb, xs[1], xs[2])
         return (acc[0] + loss, acc[1] + hit), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -84,12 +84,12 @@ def _chunked_sums(x: Array, head: Array, y: Array, w: Array, dtype: Any) -> tupl
 
 
 def _chunked_fwd(x: Array, head: Array, y: Array, w: Array, dtype: Any):
-    wb = head.astype(dtype)
+    wb, = cpu_dot_operands(head.astype(dtype))  # once, not per chunk
 
     def body(acc, xs):
-        xc = xs[0].astype(dtype)
+        xc, = cpu_dot_operands(xs[0].astype(dtype))
         loss, hit, dlogits = _chunk_stats(xc, wb, xs[1], xs[2])
-        dlogits = dlogits.astype(dtype)
+        dlogits, = cpu_dot_operands(dlogits.astype(dtype))
         dx = _contract(dlogits, wb, (1,), (0,), "outer").astype(x.dtype)
         # headᵀ's gradient [embed, vocab]: XLA:CPU copies a dot's first operand transposed,
         # and the chunk [chunk, embed] is vocab/embed times smaller than its logits; one

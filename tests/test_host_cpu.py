@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
-from llm_jax import host_cpu
-from llm_jax.models import build
+from llm_jax import cross_entropy, host_cpu
+from llm_jax.models import build, layers
 from llm_jax.models.layers import ModelConfig
 
 F32, BF16, F16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
@@ -76,11 +77,16 @@ def bf16_dots(hlo: str) -> int:
     return count
 
 
+def force(monkeypatch, upcast: bool) -> None:
+    """16-bit dot operands upcast to f32, or left as they are, whatever this host's CPU."""
+    monkeypatch.setattr(host_cpu, "dot_dtype", lambda d, cpuinfo=None: (
+        F32 if upcast and jnp.dtype(d).itemsize == 2 else jnp.dtype(d)))
+
+
 def model_grads(monkeypatch, upcast: bool):
     """The bf16 decoder's parameter gradients on CPU with 16-bit dot operands upcast to f32
     or left bf16 (whatever this host's CPU has), and the compiled module's text."""
-    monkeypatch.setattr(host_cpu, "dot_dtype", lambda d, cpuinfo=None: (
-        F32 if upcast and jnp.dtype(d).itemsize == 2 else jnp.dtype(d)))
+    force(monkeypatch, upcast)
     rng = np.random.default_rng(0)
     batch = {"tokens": jnp.asarray(rng.integers(1, 256, (2, 128)), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(128), (2, 128)),
@@ -105,5 +111,44 @@ def test_upcast_dots_change_only_the_order_of_f32_sums(monkeypatch):
     assert bf16_dots(hlo_bf16) > 0  # the check sees bf16 dots where there are some
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         scale = float(jnp.abs(w).max())
-        # f32 sums in another order, rounded to bf16 where the step rounds: ~1 bf16 ulp
+        # f32 sums in another order, rounded to bf16 where the step rounds: a few bf16 ulps
         np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(w) / scale, atol=1e-2)
+
+
+def head_loss(hidden, head):
+    labels = jnp.arange(hidden.shape[0] * hidden.shape[1]).reshape(hidden.shape[:2]) % 64
+    w = jnp.ones(hidden.shape[:2], jnp.float32)
+    return cross_entropy.head_sums(hidden, head, labels, w, jnp.bfloat16)[0]
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_chunked_loss_dots_upcast_on_cpu(monkeypatch, upcast):
+    """The training step's LM head and loss (chunked on CPU, gradients in the forward)."""
+    force(monkeypatch, upcast)
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(2, 512, 32)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+    hlo = jax.jit(jax.grad(head_loss, (0, 1))).lower(hidden, head).compile().as_text()
+    assert (bf16_dots(hlo) == 0) == upcast
+
+
+def dot_operands(fn, platform, *args) -> list[str]:
+    """The operand element types of every dot in fn lowered for `platform`."""
+    text = export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+    return [t for a, b in re.findall(r"stablehlo.dot_general.*: \(tensor<[^>]*x(\w+)>, "
+                                     r"tensor<[^>]*x(\w+)>\)", text) for t in (a, b)]
+
+
+def test_upcast_never_reaches_gpu_or_tpu(monkeypatch):
+    """The decision reads the tracing host's CPU: lowered for an accelerator, the dense
+    layers' and the LM head's dots (forward, dx and dw) keep their bf16 operands."""
+    force(monkeypatch, True)
+    x = jnp.ones((2, 512, 32), jnp.float32)
+    w = jnp.ones((32, 64), jnp.float32)
+    dense = jax.grad(lambda x, w: (layers.project(x, w, None, 1, jnp.bfloat16, jnp.bfloat16)
+                                   .astype(jnp.float32) ** 2).sum(), (0, 1))  # fwd, dx, dw
+    for platform in ("cuda", "tpu"):
+        for fn, args in ((dense, (x, w)), (jax.grad(head_loss, (0, 1)), (x, w.T))):
+            types = dot_operands(fn, platform, *args)
+            assert len(types) >= 6 and set(types) == {"bf16"}, (platform, types)
+    assert "f32" in dot_operands(dense, "cpu", x, w)  # the same code upcasts on CPU

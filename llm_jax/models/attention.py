@@ -222,9 +222,10 @@ def _attention_bwd(blocks: int, res, do: Array):
             dqs.append(jnp.einsum("bts,bsd->btd", *cpu_dot_operands(ds, kb),
                                   preferred_element_type=f32))
             # dK = dSᵀ·Q and dV = Pᵀ·dO contract the query dim, split in two (`_contract`)
-            dki = dki.at[:, :end].add(_contract(ds, qb, (1,), (1,), "inner", batch=1))
-            dvi = dvi.at[:, :end].add(_contract(p.astype(q.dtype), dob, (1,), (1,), "inner",
-                                                batch=1))
+            dki = dki.at[:, :end].add(_contract(*cpu_dot_operands(ds, qb), (1,), (1,),
+                                                "inner", batch=1))
+            dvi = dvi.at[:, :end].add(_contract(*cpu_dot_operands(p.astype(q.dtype), dob),
+                                                (1,), (1,), "inner", batch=1))
         dqi = _rows(dqs)
         if group > 1:  # a group's query heads share k and v: their gradients add up
             dki, dvi = _head(dk, j, acc_k) + dki, _head(dv, j, acc_v) + dvi
