@@ -48,6 +48,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):  # not glibc (e.g. musl): leave it be
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # the largest int: never give the heap's top back to the OS
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    # -1 (SIZE_MAX to glibc) never trims; 2**31 - 1 still trimmed a free top over 2 GB, which
+    # two freed 1.4 GB step temporaries make, and the next step faulted it all in again
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(mallopt(param, value) == 1 for param, value in settings)

@@ -44,9 +44,11 @@ def test_jax_platforms_unset_reads_the_accelerator_device_files(monkeypatch, pre
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
-def test_freed_large_blocks_stay_mapped():
-    """After the settings, freeing and reallocating 64 MB costs no new page faults (glibc's
-    default unmaps the block on free, so touching it again faults every page)."""
+@pytest.mark.parametrize("size", [64 << 20, 2200 << 20])
+def test_freed_large_blocks_stay_mapped(size):
+    """After the settings, freeing and reallocating a block costs no new page faults (glibc's
+    default unmaps it on free, so touching it again faults every page). 2.2 GB: a trim
+    threshold of 2**31 - 1 gave a free heap top over 2 GB back to the OS."""
     code = r"""
 import ctypes, resource, sys
 import os
@@ -55,10 +57,10 @@ from llm_jax import host_memory  # the package import applies the settings, or n
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-n = 64 << 20
-def touch():
+n, touched = int(sys.argv[2]), 64 << 20
+def touch():  # only the last 64 MB: the block's pages are all mapped or all given back
     p = libc.malloc(n)
-    ctypes.memset(p, 1, n)
+    ctypes.memset(p + n - touched, 1, touched)
     libc.free(p)
 touch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -66,7 +68,8 @@ touch()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     env = {k: v for k, v in os.environ.items() if k != "LLM_JAX_MALLOC"}
-    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True,
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode, str(size)],
+                                       capture_output=True,
                                        text=True, check=True, env=env).stdout.split()[-1])
               for mode in ("on", "off")}
     assert faults["on"] < 100 < (64 << 20) // 4096 // 2 < faults["off"], faults
