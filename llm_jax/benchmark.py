@@ -75,6 +75,9 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
     (tr, compiled, state, state_sh, batch, res["compile_s"],
      res["init_s"]) = trainer.compile_train_step(config)
     cfg = tr.model_cfg
+    mem = compiled.memory_analysis()  # XLA's buffer assignment; what a step allocates afresh
+    if mem is not None:
+        res["step_temp_mb"] = mem.temp_size_in_bytes / 2**20
     with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules):
         logging.info("benchmark: compiled in %.1f s; timing %d train steps", res["compile_s"],
                      steps)
@@ -158,6 +161,8 @@ def format_table(res: dict) -> str:
         ("eval tokens/s", f"{res['eval_tokens_per_sec']:,.0f}"),
         ("peak host memory (MB)", f"{res['peak_host_mem_mb']:,.0f}"),
     ]
+    if "step_temp_mb" in res:
+        rows.append(("step temporaries per device (MB)", f"{res['step_temp_mb']:,.0f}"))
     if "device_peak_mem_mb" in res:
         rows.append(("peak device memory (MB)", f"{res['device_peak_mem_mb']:,.0f}"))
     if "pipeline_tokens_per_sec" in res:

@@ -7,8 +7,12 @@ again, a page at a time: a train step spent ~10% in the kernel, and a matmul wri
 pages mapped (bench_small without remat: 4,100 -> 5,100-5,400 tokens/s; README,
 Performance). One, not glibc's 8 per core: a thread's own arena cannot serve a block over
 64 MB without mmap (with 2 arenas, runs were 4,100 or 5,100 by chance).
-The cost: the process keeps its peak host memory. Hosts with an accelerator keep glibc's
-defaults (their step buffers live on the device); LLM_JAX_MALLOC=0 or 1 forces the choice.
+The cost: the process keeps its peak host memory, several times a step's temporaries: XLA
+allocates the next step's a moment before it frees the last one's, and glibc 2.36's
+posix_memalign wants 96 bytes more than the freed block, so the heap cycles through 3-5 such
+blocks (tcmalloc, by LD_PRELOAD, holds ~2; README, Performance). Hosts with an accelerator
+keep glibc's defaults (their step buffers live on the device); LLM_JAX_MALLOC=0 or 1 forces
+the choice.
 It must run before JAX starts its threads, so `llm_jax/__init__.py` calls it.
 """
 from __future__ import annotations

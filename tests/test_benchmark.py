@@ -29,6 +29,9 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
     for key in ("tokens_per_sec", "mfu", "step_time_median_s", "compile_s", "peak_host_mem_mb"):
         assert res[key] > 0, key
     assert (res["steps"], res["warmup_steps"]) == (3, 1)
+    # XLA's temporaries per device, which each step allocates and frees again
+    assert 0 < res["step_temp_mb"] < res["peak_host_mem_mb"]
+    assert re.search(r"step temporaries per device \(MB\) +\d", r.stdout), r.stdout
     assert "'absent_ds' is not prepared" in res["pipeline_error"]
     assert re.search(r"input pipeline +not measured: dataset 'absent_ds'", r.stdout), r.stdout
     # the first step's time holds initializing, compiling and running it
