@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_host_cpu import force
 
 from llm_jax.models.attention import causal_blocks, dot_product_attention, segment_mask
 
@@ -80,12 +81,15 @@ def test_cpu_attention_bf16_close_to_f32():
     np.testing.assert_allclose(bf.astype(jnp.float32), f32, atol=3e-2)
 
 
+@pytest.mark.parametrize("upcast", [False, True])
 @pytest.mark.parametrize("kv_heads,causal,dtype", [(4, True, jnp.bfloat16),
                                                    (2, True, jnp.bfloat16),
                                                    (4, False, jnp.bfloat16),
                                                    (2, True, jnp.float16)])
-def test_cpu_attention_16_bit_grads_close_to_f32(kv_heads, causal, dtype):
-    """16-bit inputs take the uint16 head-slice path (and 16-bit dK, dV without GQA)."""
+def test_cpu_attention_16_bit_grads_close_to_f32(monkeypatch, kv_heads, causal, dtype, upcast):
+    """16-bit inputs take the uint16 head-slice path (and 16-bit dK, dV without GQA) on a CPU
+    with native 16-bit dots, and run in f32 on one without (upcast)."""
+    force(monkeypatch, upcast)
     rng = np.random.default_rng(kv_heads)
     q = jnp.asarray(rng.normal(size=(2, 128, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 128, kv_heads, 8)), jnp.float32) for _ in range(2))
@@ -100,3 +104,30 @@ def test_cpu_attention_16_bit_grads_close_to_f32(kv_heads, causal, dtype):
         assert g.dtype == dtype
         scale = float(jnp.abs(w).max())
         np.testing.assert_allclose(g.astype(jnp.float32) / scale, w / scale, atol=3e-2)
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_upcast_attention_is_f32_attention_rounded(monkeypatch, upcast):
+    """Without native 16-bit dots, bf16 attention and its gradients are the f32 ones of the
+    same (bf16) inputs and cotangent, rounded to bf16 once; the native 16-bit path rounds
+    P and dS on the way, so it is not."""
+    force(monkeypatch, upcast)
+    rng = np.random.default_rng(7)
+    q, k, v, cot = (jnp.asarray(rng.normal(size=(2, 128, 4, 8)), jnp.bfloat16)
+                    for _ in range(4))
+
+    def fwd_grads(*a):
+        out, vjp = jax.vjp(lambda *x: dot_product_attention(*x, None, True), *a)
+        return (out, *vjp(cot.astype(out.dtype)))
+
+    got = jax.jit(fwd_grads)(q, k, v)
+    wide = jax.jit(fwd_grads)(*(a.astype(jnp.float32) for a in (q, k, v)))
+    same = [np.array_equal(np.asarray(g, np.float32), np.asarray(w.astype(g.dtype), np.float32))
+            for g, w in zip(got, wide)]
+    if upcast:
+        # the f32 sums may round the other way at a tie: at most a bf16 ulp apart
+        for g, w in zip(got, wide):
+            np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2 ** -8, atol=0)
+        assert sum(same) >= 3, same
+    else:
+        assert not all(same), same

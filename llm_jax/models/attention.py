@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.models.layers import Dense, ModelConfig, _contract, cpu_dot_operands, init_std, rotary
+from llm_jax import host_cpu
+from llm_jax.models.layers import Dense, ModelConfig, _contract, init_std, rotary
 
 Array = jax.Array
 ATTENTION_RESIDUALS = "attention_residuals"  # the CPU forward's saved outputs, for remat
@@ -123,7 +124,7 @@ def _put(x: Array, y: Array, i: Array, dtype: jnp.dtype) -> Array:
 
 def _scores(q: Array, k: Array, mask: Array) -> Array:
     """Masked, scaled logits [b, q, kv] in f32 for one head."""
-    s = jnp.einsum("btd,bsd->bts", *cpu_dot_operands(q, k), preferred_element_type=jnp.float32)
+    s = jnp.einsum("btd,bsd->bts", q, k, preferred_element_type=jnp.float32)
     return jnp.where(mask, s * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
 
 
@@ -153,7 +154,8 @@ def _attention_cpu(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1) -
     """Attention for q [b, t, heads, d], k and v [b, s, kv_heads, d] and mask [b or 1, 1,
     t, s], one head at a time in a loop: XLA:CPU runs the heads' 16-bit dots 1.5-3x slower
     side by side (each wants both cores) or batched over heads (their transposes make f32
-    copies); f32 inputs unroll the loop (`_unroll`).
+    copies); f32 inputs unroll the loop (`_unroll`). 16-bit inputs come only from a CPU
+    that multiplies them natively (`dot_product_attention` widens them elsewhere).
     With `blocks` > 1 (causal only) query block r attends to keys of blocks 0..r only."""
     return _attention_fwd(q, k, v, mask, blocks)[0]
 
@@ -181,7 +183,7 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
             e = jnp.exp(s - mx)
             total = e.sum(-1, keepdims=True)
             p = (e * (1 / total)).astype(vi.dtype)
-            outs.append(jnp.einsum("bts,bsd->btd", *cpu_dot_operands(p, vi[:, :end]),
+            outs.append(jnp.einsum("bts,bsd->btd", p, vi[:, :end],
                                    preferred_element_type=jnp.float32))
             mxs.append(mx)
             totals.append(total)
@@ -216,16 +218,14 @@ def _attention_bwd(blocks: int, res, do: Array):
             mx, total = row_max[i][:, lo:hi], row_sum[i][:, lo:hi]
             mb = m[:, lo:hi, :end]
             p = _probs(_scores(qb, kb, mb), mx, total)
-            dp = jnp.einsum("btd,bsd->bts", *cpu_dot_operands(dob, vb), preferred_element_type=f32)
+            dp = jnp.einsum("btd,bsd->bts", dob, vb, preferred_element_type=f32)
             # a masked score is a constant: no gradient (matters in fully masked rows)
             ds = jnp.where(mb, p * (dp - deltai[:, lo:hi]) * scale, 0).astype(q.dtype)
-            dqs.append(jnp.einsum("bts,bsd->btd", *cpu_dot_operands(ds, kb),
-                                  preferred_element_type=f32))
+            dqs.append(jnp.einsum("bts,bsd->btd", ds, kb, preferred_element_type=f32))
             # dK = dSᵀ·Q and dV = Pᵀ·dO contract the query dim, split in two (`_contract`)
-            dki = dki.at[:, :end].add(_contract(*cpu_dot_operands(ds, qb), (1,), (1,),
-                                                "inner", batch=1))
-            dvi = dvi.at[:, :end].add(_contract(*cpu_dot_operands(p.astype(q.dtype), dob),
-                                                (1,), (1,), "inner", batch=1))
+            dki = dki.at[:, :end].add(_contract(ds, qb, (1,), (1,), "inner", batch=1))
+            dvi = dvi.at[:, :end].add(_contract(p.astype(q.dtype), dob, (1,), (1,), "inner",
+                                                batch=1))
         dqi = _rows(dqs)
         if group > 1:  # a group's query heads share k and v: their gradients add up
             dki, dvi = _head(dk, j, acc_k) + dki, _head(dv, j, acc_v) + dvi
@@ -252,8 +252,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Packed | N
 
     `implementation` None picks per platform: cuDNN on NVIDIA GPUs where it applies
     (`cudnn_applies`), on CPU a version with a hand-written, FlashAttention-style backward
-    (faster on XLA:CPU, README Performance), elsewhere `jax.nn.dot_product_attention`'s
-    XLA path; 'xla' or 'cudnn' force that one. A query row whose
+    (faster on XLA:CPU, README Performance; in f32 throughout for 16-bit inputs on a CPU
+    without native 16-bit dots, `host_cpu.dot_dtype`), elsewhere
+    `jax.nn.dot_product_attention`'s XLA path; 'xla' or 'cudnn' force that one. A query row whose
     mask hides every key averages V as the library does, except that causal CPU attention
     in query blocks (`causal_blocks`) averages only the keys up to its block's end (the
     masks built here always keep the diagonal, so no row is fully hidden).
@@ -277,8 +278,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Packed | N
     if causal:
         full = full & causal_mask(t)
         blocks = causal_blocks(t) if t == k.shape[1] else 1
-    return jax.lax.platform_dependent(cpu=lambda: _attention_cpu(q, k, v, full, blocks),
-                                      default=library)
+    def cpu() -> Array:
+        # 16-bit inputs that this CPU has no native dot for run in f32 (README, Performance)
+        wide = host_cpu.dot_dtype(q.dtype)
+        out = _attention_cpu(q.astype(wide), k.astype(wide), v.astype(wide), full, blocks)
+        return out.astype(q.dtype)
+
+    return jax.lax.platform_dependent(cpu=cpu, default=library)
 
 
 def cudnn_applies(q: Array, k: Array, v: Array, mask: Array | None,
