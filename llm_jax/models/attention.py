@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax import host_cpu
-from llm_jax.models.layers import Dense, ModelConfig, _contract, init_std, rotary
+from llm_jax.models.layers import Dense, ModelConfig, _contract, cpu_dot_operands, init_std, rotary
 
 Array = jax.Array
 ATTENTION_RESIDUALS = "attention_residuals"  # the CPU forward's saved outputs, for remat
@@ -154,8 +153,8 @@ def _attention_cpu(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1) -
     """Attention for q [b, t, heads, d], k and v [b, s, kv_heads, d] and mask [b or 1, 1,
     t, s], one head at a time in a loop: XLA:CPU runs the heads' 16-bit dots 1.5-3x slower
     side by side (each wants both cores) or batched over heads (their transposes make f32
-    copies); f32 inputs unroll the loop (`_unroll`). 16-bit inputs come only from a CPU
-    that multiplies them natively (`dot_product_attention` widens them elsewhere).
+    copies); f32 inputs unroll the loop (`_unroll`). 16-bit inputs run in f32 on a CPU
+    without native 16-bit dots (`layers.cpu_dot_operands`), and stay 16-bit as residuals.
     With `blocks` > 1 (causal only) query block r attends to keys of blocks 0..r only."""
     return _attention_fwd(q, k, v, mask, blocks)[0]
 
@@ -168,6 +167,8 @@ def _unroll(q: Array) -> int:
 
 
 def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
+    inputs, out_dtype = (q, k, v), q.dtype
+    q, k, v = cpu_dot_operands(q, k, v)  # once per call, not per head (README, Performance)
     heads, group = q.shape[2], q.shape[2] // k.shape[2]
     m = mask[:, 0]
     spans = _spans(q.shape[1], k.shape[1], blocks)
@@ -196,15 +197,17 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
                                                              stats), unroll=_unroll(q))
     o = checkpoint_name(_float(o, q.dtype), ATTENTION_RESIDUALS)
     row_max, row_sum = checkpoint_name((row_max, row_sum), ATTENTION_RESIDUALS)
-    return o, (q, k, v, mask, o, row_max, row_sum)
+    # inputs saved as they came (16-bit), o as computed (its rowsum with dO must be exact)
+    return o.astype(out_dtype), (*inputs, mask, o, row_max, row_sum)
 
 
 def _attention_bwd(blocks: int, res, do: Array):
     q, k, v, mask, o, row_max, row_sum = res
+    dtypes = q.dtype, k.dtype, v.dtype
+    q, k, v, do = cpu_dot_operands(q, k, v, do.astype(q.dtype))
     heads, group = q.shape[2], q.shape[2] // k.shape[2]
     f32, scale = jnp.float32, q.shape[-1] ** -0.5
     m = mask[:, 0]
-    do = do.astype(q.dtype)
     spans = _spans(q.shape[1], k.shape[1], blocks)
 
     def head(i, carry):
@@ -239,8 +242,8 @@ def _attention_bwd(blocks: int, res, do: Array):
     init = tuple(_bits(jnp.zeros(x.shape, d))
                  for x, d in ((q, q.dtype), (k, acc_k), (v, acc_v)))
     dq, dk, dv = jax.lax.fori_loop(0, heads, head, init, unroll=_unroll(q))
-    return (_float(dq, q.dtype), _float(dk, acc_k).astype(k.dtype),
-            _float(dv, acc_v).astype(v.dtype), None)
+    return (_float(dq, q.dtype).astype(dtypes[0]), _float(dk, acc_k).astype(dtypes[1]),
+            _float(dv, acc_v).astype(dtypes[2]), None)
 
 
 _attention_cpu.defvjp(_attention_fwd, _attention_bwd)
@@ -252,9 +255,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Packed | N
 
     `implementation` None picks per platform: cuDNN on NVIDIA GPUs where it applies
     (`cudnn_applies`), on CPU a version with a hand-written, FlashAttention-style backward
-    (faster on XLA:CPU, README Performance; in f32 throughout for 16-bit inputs on a CPU
-    without native 16-bit dots, `host_cpu.dot_dtype`), elsewhere
-    `jax.nn.dot_product_attention`'s XLA path; 'xla' or 'cudnn' force that one. A query row whose
+    (faster on XLA:CPU, README Performance), elsewhere `jax.nn.dot_product_attention`'s
+    XLA path; 'xla' or 'cudnn' force that one. A query row whose
     mask hides every key averages V as the library does, except that causal CPU attention
     in query blocks (`causal_blocks`) averages only the keys up to its block's end (the
     masks built here always keep the diagonal, so no row is fully hidden).
@@ -278,13 +280,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Packed | N
     if causal:
         full = full & causal_mask(t)
         blocks = causal_blocks(t) if t == k.shape[1] else 1
-    def cpu() -> Array:
-        # 16-bit inputs that this CPU has no native dot for run in f32 (README, Performance)
-        wide = host_cpu.dot_dtype(q.dtype)
-        out = _attention_cpu(q.astype(wide), k.astype(wide), v.astype(wide), full, blocks)
-        return out.astype(q.dtype)
-
-    return jax.lax.platform_dependent(cpu=cpu, default=library)
+    return jax.lax.platform_dependent(cpu=lambda: _attention_cpu(q, k, v, full, blocks),
+                                      default=library)
 
 
 def cudnn_applies(q: Array, k: Array, v: Array, mask: Array | None,
