@@ -16,7 +16,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax import console, files
+from llm_jax import console, files, host_memory
 from llm_jax.overrides import UserError, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -210,6 +210,8 @@ def main(argv: list[str]) -> None:
         console.error(str(e))
         sys.exit(2)
     print(format_table(res))
+    if hint := host_memory.allocator_hint(res["peak_host_mem_mb"], res.get("step_temp_mb", 0)):
+        print(f"note: {hint}")
     if "profile_step_s" in res:
         from llm_jax import op_profile
         print(f"\n3 traced train steps ({res['profile_step_s']:.3f} s each, the tracer's cost "

@@ -41,13 +41,18 @@ def cpu_only_host() -> bool:
     return not any(glob.glob(pattern) for pattern in _ACCELERATOR_FILES)
 
 
-def keep_freed_memory() -> bool:
-    """Apply the settings on Linux with glibc on CPU-only hosts (LLM_JAX_MALLOC=1: on any
-    host; 0: never); True if they were applied."""
+def _wanted() -> bool:
+    """On Linux, on CPU-only hosts (LLM_JAX_MALLOC=1: on any host; 0: never)."""
     choice = os.environ.get("LLM_JAX_MALLOC", "")
     if choice == "0" or not sys.platform.startswith("linux"):
         return False
-    if choice != "1" and not cpu_only_host():
+    return choice == "1" or cpu_only_host()
+
+
+def keep_freed_memory() -> bool:
+    """Apply the settings where `_wanted` and the C library is glibc; True if they were
+    applied."""
+    if not _wanted():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
@@ -58,3 +63,19 @@ def keep_freed_memory() -> bool:
     # two freed 1.4 GB step temporaries make, and the next step faulted it all in again
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def allocator_hint(peak_mb: float, temp_mb: float) -> str | None:
+    """One line on holding host memory down, for a run under these settings whose peak
+    exceeds a ~1 GB base by 3 or more times its step temporaries (256 MB or more), unless
+    the process already runs with glibc's per-thread cache off or another allocator; else
+    None."""
+    if not _wanted() or temp_mb < 256 or peak_mb - 1024 < 3 * temp_mb:
+        return None
+    preload = os.environ.get("LD_PRELOAD", "")
+    if ("tcache_count=0" in os.environ.get("GLIBC_TUNABLES", "")
+            or any(lib in preload for lib in ("tcmalloc", "jemalloc", "mimalloc"))):
+        return None
+    return (f"host memory peaked at {peak_mb:,.0f} MB for {temp_mb:,.0f} MB of step "
+            "temporaries; start the process with GLIBC_TUNABLES=glibc.malloc.tcache_count=0 "
+            "(or tcmalloc by LD_PRELOAD) to hold about half that (README, Performance)")
