@@ -12,9 +12,8 @@ allocates the next step's a moment before it frees the last one's, and glibc 2.3
 posix_memalign wants 96 bytes more than the freed block, so the heap cycles through 3-5 such
 blocks (tcmalloc, by LD_PRELOAD, holds ~2; so does glibc with its per-thread cache off,
 GLIBC_TUNABLES=glibc.malloc.tcache_count=0, which lets memalign's freed slivers merge again:
-README, Performance). Hosts with an accelerator
-keep glibc's defaults (their step buffers live on the device); LLM_JAX_MALLOC=0 or 1 forces
-the choice.
+README, Performance). Hosts with an accelerator keep glibc's defaults (their step buffers
+live on the device); LLM_JAX_MALLOC=0 or 1 forces the choice.
 It must run before JAX starts its threads, so `llm_jax/__init__.py` calls it.
 """
 from __future__ import annotations
