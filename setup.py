@@ -16,5 +16,5 @@ setup(
     packages=find_packages(include=["llm_jax", "llm_jax.*"]),
     python_requires=">=3.11",
     install_requires=requirements,
-    extras_require={"test": ["pytest>=8.0"], "tpu": ["jax[tpu]"]},
+    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.8"], "tpu": ["jax[tpu]"]},
 )
