@@ -46,6 +46,13 @@ class Checkpointer:
                  async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self._pending: int | None = None
+        if jax.default_backend() == "cpu":
+            # CPU devices share host memory: splitting replicated arrays among them only
+            # compiles a slice per device and shape (64 compiles, ~3 s, in the tiny run's
+            # first save). Orbax itself turns this off on GPU.
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                override=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None, create=True,
             enable_async_checkpointing=async_save)

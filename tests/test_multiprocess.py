@@ -27,6 +27,7 @@ def test_two_processes_train_resume_and_agree(tmp_path, data_cfg):  # noqa: F811
              f"--workdir={tmp_path}/w", f"--config.data.data_dir={data_cfg.data_dir}",
              f"--config.train.steps={steps}", "--config.train.checkpoint_every=10",
              "--config.data.tokenizer_train_bytes=200000",  # a fresh tokenizer: one writer
+             "--config.data.eval_split=validation[:5%]",  # the final eval: 2 s, not 15
              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True) for i in range(2)]

@@ -16,7 +16,8 @@ from data_fixtures import data_cfg  # noqa: F401  (session fixture: the prepared
 pytestmark = pytest.mark.slow
 BASE = ["--config.train.steps=24", "--config.train.log_every=1",
         "--config.train.eval_every=1000", "--config.train.checkpoint_every=4",
-        "--config.train.max_to_keep=2"]
+        "--config.train.max_to_keep=2",
+        "--config.data.eval_split=validation[:5%]"]  # a short final eval: not what is tested
 
 
 def cmd(workdir, data_dir, *overrides):
