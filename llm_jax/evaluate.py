@@ -18,10 +18,19 @@ def run_eval(eval_fn: Callable, params, batches: Iterable) -> dict[str, float]:
     "bits_per_byte" over the raw bytes its targets spell.
     """
     totals: dict[str, float] = {}
-    for batch in batches:
-        out = jax.device_get(eval_fn(params, batch))
-        for k, v in out.items():
+
+    def add(out: dict) -> None:
+        for k, v in jax.device_get(out).items():
             totals[k] = totals.get(k, 0.0) + float(np.asarray(v, np.float64))
+
+    pending = None
+    for batch in batches:
+        out = eval_fn(params, batch)  # dispatched first: the device never waits on the host
+        if pending is not None:
+            add(pending)
+        pending = out
+    if pending is not None:
+        add(pending)
     parts = sorted(k[:-len("_count")] for k in totals if k.endswith("_count"))
     res: dict[str, float] = {"loss": 0.0}
     for p in parts:
