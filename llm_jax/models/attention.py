@@ -159,11 +159,13 @@ def _attention_cpu(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1) -
     return _attention_fwd(q, k, v, mask, blocks)[0]
 
 
-def _unroll(q: Array) -> int:
-    """Heads per loop iteration: all of them for f32 inputs, whose unrolled loop XLA:CPU
-    runs faster (+14% for f32 bench_small on an AVX2-only host; README, Performance), else
-    one."""
-    return q.shape[2] if q.dtype == jnp.float32 else 1
+def _unroll(q: Array) -> bool:
+    """Whether the head loop runs unrolled, the heads' results stacked once at the end: for
+    f32 inputs, whose heads' dots XLA:CPU then runs side by side faster (+14% for f32
+    bench_small on an AVX2-only host; README, Performance). Written into one array head by
+    head instead, XLA:CPU read each element of dQ through the chain of updates (~18 ms per
+    bench_small layer). 16-bit heads run one at a time in a loop."""
+    return q.dtype == jnp.float32
 
 
 def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
@@ -172,9 +174,10 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
     heads, group = q.shape[2], q.shape[2] // k.shape[2]
     m = mask[:, 0]
     spans = _spans(q.shape[1], k.shape[1], blocks)
+    qs, ks, vs = _bits(q), _bits(k), _bits(v)
 
-    def head(i, carry):
-        o, row_max, row_sum = carry
+    def head(i):
+        """Head i's output [b, t, d] in q's dtype and its softmax rows' max and sum."""
         j = i // group
         qi, ki, vi = _head(qs, i, q.dtype), _head(ks, j, k.dtype), _head(vs, j, v.dtype)
         outs, mxs, totals = [], [], []
@@ -188,14 +191,22 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
                                    preferred_element_type=jnp.float32))
             mxs.append(mx)
             totals.append(total)
-        return (_put(o, _rows(outs), i, q.dtype), row_max.at[i].set(_rows(mxs)),
-                row_sum.at[i].set(_rows(totals)))
+        return _rows(outs).astype(q.dtype), _rows(mxs), _rows(totals)
 
-    stats = jnp.zeros((heads,) + q.shape[:2] + (1,), jnp.float32)
-    qs, ks, vs = _bits(q), _bits(k), _bits(v)
-    o, row_max, row_sum = jax.lax.fori_loop(0, heads, head, (_bits(jnp.zeros_like(q)), stats,
-                                                             stats), unroll=_unroll(q))
-    o = checkpoint_name(_float(o, q.dtype), ATTENTION_RESIDUALS)
+    if _unroll(q):
+        o, row_max, row_sum = zip(*(head(i) for i in range(heads)))
+        o, row_max, row_sum = jnp.stack(o, 2), jnp.stack(row_max), jnp.stack(row_sum)
+    else:
+        def body(i, carry):
+            o, row_max, row_sum = carry
+            oi, mx, total = head(i)
+            return _put(o, oi, i, q.dtype), row_max.at[i].set(mx), row_sum.at[i].set(total)
+
+        stats = jnp.zeros((heads,) + q.shape[:2] + (1,), jnp.float32)
+        o, row_max, row_sum = jax.lax.fori_loop(0, heads, body,
+                                                (_bits(jnp.zeros_like(q)), stats, stats))
+        o = _float(o, q.dtype)
+    o = checkpoint_name(o, ATTENTION_RESIDUALS)
     row_max, row_sum = checkpoint_name((row_max, row_sum), ATTENTION_RESIDUALS)
     # inputs saved as they came (16-bit), o as computed (its rowsum with dO must be exact)
     return o.astype(out_dtype), (*inputs, mask, o, row_max, row_sum)
@@ -205,13 +216,14 @@ def _attention_bwd(blocks: int, res, do: Array):
     q, k, v, mask, o, row_max, row_sum = res
     dtypes = q.dtype, k.dtype, v.dtype
     q, k, v, do = cpu_dot_operands(q, k, v, do.astype(q.dtype))
-    heads, group = q.shape[2], q.shape[2] // k.shape[2]
+    heads, kv_heads = q.shape[2], k.shape[2]
+    group = heads // kv_heads
     f32, scale = jnp.float32, q.shape[-1] ** -0.5
     m = mask[:, 0]
     spans = _spans(q.shape[1], k.shape[1], blocks)
 
-    def head(i, carry):
-        dq, dk, dv = carry
+    def head(i):
+        """Query head i's dQ, and its shares of dK and dV of kv head i // group, in f32."""
         j = i // group
         qi, ki, vi = _head(qs, i, q.dtype), _head(ks, j, k.dtype), _head(vs, j, v.dtype)
         doi, deltai = _head(dos, i, q.dtype), _head(delta, i, f32)
@@ -229,21 +241,33 @@ def _attention_bwd(blocks: int, res, do: Array):
             dki = dki.at[:, :end].add(_contract(ds, qb, (1,), (1,), "inner", batch=1))
             dvi = dvi.at[:, :end].add(_contract(p.astype(q.dtype), dob, (1,), (1,), "inner",
                                                 batch=1))
-        dqi = _rows(dqs)
-        if group > 1:  # a group's query heads share k and v: their gradients add up
-            dki, dvi = _head(dk, j, acc_k) + dki, _head(dv, j, acc_v) + dvi
-        return _put(dq, dqi, i, q.dtype), _put(dk, dki, j, acc_k), _put(dv, dvi, j, acc_v)
+        return _rows(dqs), dki, dvi
 
     # softmax backward with rowsum(dP ⊙ P) = rowsum(dO ⊙ O): a reduction over head_dim,
     # not over the kv length (FlashAttention's trick; XLA:CPU's reduction over it is slow)
     delta = jnp.sum(do.astype(f32) * o.astype(f32), -1)[..., None]  # [b, t, heads, 1]
     acc_k, acc_v = (f32, f32) if group > 1 else (k.dtype, v.dtype)  # group sums stay f32
     qs, ks, vs, dos = _bits(q), _bits(k), _bits(v), _bits(do)
-    init = tuple(_bits(jnp.zeros(x.shape, d))
-                 for x, d in ((q, q.dtype), (k, acc_k), (v, acc_v)))
-    dq, dk, dv = jax.lax.fori_loop(0, heads, head, init, unroll=_unroll(q))
-    return (_float(dq, q.dtype).astype(dtypes[0]), _float(dk, acc_k).astype(dtypes[1]),
-            _float(dv, acc_v).astype(dtypes[2]), None)
+    if _unroll(q):
+        dq, dk, dv = zip(*(head(i) for i in range(heads)))
+        # a group's query heads share k and v: their gradients add up
+        join = lambda xs: jnp.stack([sum(xs[j * group:(j + 1) * group])  # noqa: E731
+                                     for j in range(kv_heads)], 2)
+        dq, dk, dv = jnp.stack(dq, 2), join(dk), join(dv)
+    else:
+        def body(i, carry):
+            dq, dk, dv = carry
+            j = i // group
+            dqi, dki, dvi = head(i)
+            if group > 1:
+                dki, dvi = _head(dk, j, acc_k) + dki, _head(dv, j, acc_v) + dvi
+            return _put(dq, dqi, i, q.dtype), _put(dk, dki, j, acc_k), _put(dv, dvi, j, acc_v)
+
+        init = tuple(_bits(jnp.zeros(x.shape, d))
+                     for x, d in ((q, q.dtype), (k, acc_k), (v, acc_v)))
+        dq, dk, dv = jax.lax.fori_loop(0, heads, body, init)
+        dq, dk, dv = _float(dq, q.dtype), _float(dk, acc_k), _float(dv, acc_v)
+    return dq.astype(dtypes[0]), dk.astype(dtypes[1]), dv.astype(dtypes[2]), None
 
 
 _attention_cpu.defvjp(_attention_fwd, _attention_bwd)
