@@ -8,7 +8,6 @@ also traces 3 train steps and prints their time by op scope (op_profile.py).
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
@@ -31,10 +30,6 @@ _PROFILE = flags.DEFINE_string(
     "profile", None, "Also trace 3 more train steps with jax.profiler into this directory "
     "(open it with XProf or TensorBoard's profile plugin) and print their time by op scope; "
     "the timed steps stay untraced.")
-
-
-def peak_host_mem_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def time_steps(fn, args_fn, steps: int, warmup: int = 0) -> tuple[float, list[float], object]:
@@ -130,7 +125,7 @@ def benchmark(config, steps: int, pipeline: bool, warmup: int = 2,
     if jax.devices()[0].platform != "cpu":
         stats = [d.memory_stats() or {} for d in jax.local_devices()]
         res["device_peak_mem_mb"] = max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**20
-    res["peak_host_mem_mb"] = peak_host_mem_mb()  # the steps', before the pipeline's
+    res["peak_host_mem_mb"] = host_memory.peak_rss_mb()  # the steps', before the pipeline's
     if pipeline:
         from llm_jax import finetune
         from llm_jax.config import ConfigError

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import resource
 import sys
 
 # mallopt parameters, from glibc's malloc.h
@@ -62,6 +63,11 @@ def keep_freed_memory() -> bool:
     # two freed 1.4 GB step temporaries make, and the next step faulted it all in again
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def allocator_hint(peak_mb: float, temp_mb: float) -> str | None:

@@ -22,6 +22,7 @@ from llm_jax import (
     evaluate,
     finetune,
     generate,
+    host_memory,
     metrics,
     models,
     objectives,
@@ -298,7 +299,8 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
                 f"{workdir}")
 
     for step in range(start, t.steps):
-        state, m = train_fn(state, next(data_iter))
+        batch = next(data_iter)
+        state, m = train_fn(state, batch)
         check_finite()  # the previous step's: checking one step late keeps dispatch async
         done, pending = step + 1, (m, step + 1)
         if done == start + 1:
@@ -310,6 +312,7 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
             dt = timer.per_step(done, m)  # the first interval includes compiling
             record = metrics.train_record(jax.device_get(m), tokens_per_step / dt, dt,
                                           flops_tok, peak)
+            record["peak_host_mem_mb"] = host_memory.peak_rss_mb()
             if config.model.family == "decoder":  # counted by the next-token pipeline
                 record.update(doc_stats.snapshot())
             writer.write(done, "train", record)
@@ -355,7 +358,21 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
         print(f"final validation bits per byte: model {final['bits_per_byte']:.3f}; "
               f"{table} (same {len(text):,} bytes)", flush=True)
         final.update({f"{k} bpb": v for k, v in base.items()})
+    if tr.is_main and start < t.steps and (note := host_memory_note(train_fn, state, batch)):
+        print(f"note: {note}", flush=True)
     return final
+
+
+def host_memory_note(train_fn: Any, state: Any, batch: Any) -> str | None:
+    """`host_memory.allocator_hint` for a CPU run: its peak resident memory against the
+    train step's temporaries, read from the executable the jit already holds (lowering it
+    again with the same shapes hits the jit's cache: nothing compiles)."""
+    if jax.devices()[0].platform != "cpu":
+        return None
+    mem = train_fn.lower(state, batch).compile().memory_analysis()
+    if mem is None:
+        return None
+    return host_memory.allocator_hint(host_memory.peak_rss_mb(), mem.temp_size_in_bytes / 2**20)
 
 
 def _write_eval(writer: metrics.Writer, log: metrics.Progress, step: int,

@@ -35,7 +35,9 @@ def test_tiny_run_learns_and_writes_metrics_events_checkpoints(tiny_run):
     train_recs = [x for x in recs if x["split"] == "train"]
     eval_recs = [x for x in recs if x["split"] == "eval"]
     for rec in train_recs:
-        assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"} <= set(rec)
+        assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu",
+                "peak_host_mem_mb"} <= set(rec)
+        assert 100 < rec["peak_host_mem_mb"] < 64_000  # MB, not KB or bytes
     for rec in eval_recs:
         assert {"step", "loss", "perplexity", "bits_per_byte"} <= set(rec)
     assert [x["step"] for x in train_recs] == [1, 5, 10, 15, 20, 25, 30]

@@ -1,4 +1,5 @@
 """host_memory: the malloc settings apply on Linux/glibc, and LLM_JAX_MALLOC=0 opts out."""
+import logging
 import os
 import subprocess
 import sys
@@ -95,3 +96,25 @@ def test_allocator_hint_only_where_a_tunable_would_halve_the_peak(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setenv("LLM_JAX_MALLOC", "0")  # glibc's defaults: the settings are off
     assert host_memory.allocator_hint(7838, 1380) is None
+
+
+def test_training_reads_the_note_from_the_step_it_already_compiled(monkeypatch, caplog):
+    """The training log's note compares the peak with the train step's own temporaries,
+    read without compiling the step again."""
+    import jax
+    import jax.numpy as jnp
+
+    from llm_jax import trainer
+
+    step = jax.jit(lambda s, b: (s + jnp.sort(jnp.tanh(b @ b.T), 0).sum(), s), donate_argnums=0)
+    state, batch = jnp.zeros(()), jnp.ones((64, 256))
+    state, _ = step(state, batch)
+    seen = []
+    monkeypatch.setattr(host_memory, "allocator_hint",
+                        lambda peak, temp: seen.append((peak, temp)) or "hold less")
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        assert trainer.host_memory_note(step, state, batch) == "hold less"
+    assert not [r.getMessage()[:80] for r in caplog.records if "Compiling" in r.getMessage()]
+    (peak, temp), = seen
+    want = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes / 2**20
+    assert temp == want > 0 and peak == pytest.approx(host_memory.peak_rss_mb(), rel=0.01)
