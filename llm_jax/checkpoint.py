@@ -159,9 +159,13 @@ class Checkpointer:
 
 
 def _short(e: BaseException) -> str:
-    """One line; long messages keep their head and their tail, where the OS error usually
-    is, and the OS error itself when it sits in the middle (a long spec after it)."""
+    """One line, led by the OS error's own words where the message gives only its number;
+    long messages keep their head and their tail, where the OS error usually is, and the
+    OS error itself when it sits in the middle (a long spec after it)."""
     text = " ".join(str(e).split())
+    code = re.search(r"\[os_error_code='?(\d+)'?\]", text)
+    if code and (reason := os.strerror(int(code.group(1)))) not in text:
+        text = f"{reason}: {text}"  # tensorstore may name the OS error by its number only
     if len(text) <= 320:
         return text
     tail = text[-180:]

@@ -115,3 +115,17 @@ def test_a_save_of_replicated_state_on_cpu_compiles_nothing(tmp_path, caplog):
     ckpt.close()
     # orbax's default slices each replica apart: one compiled slice per device and shape
     assert not [r.getMessage()[:80] for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_a_write_error_names_the_os_error_that_tensorstore_gives_as_a_number():
+    """A disk-full save (CI, 2026-12-07): tensorstore's message gave ENOSPC only as
+    [os_error_code='28'], after a long spec; the one-line error must still say it."""
+    spec = "{" + ", ".join(f'"k{i}": {i}' for i in range(80)) + "}"
+    e = ValueError('RESOURCE_EXHAUSTED: Error opening "zarr" driver: Error writing '
+                   '"opt_state.1.0.mu.pos_embed.embedding/.zarray" in OCDBT database at '
+                   f"local file \"/w/checkpoints/20.orbax-checkpoint-tmp/state/\" "
+                   f"[tensorstore_spec='{spec}'] [os_error_code='28']")
+    line = checkpoint._short(e)
+    assert line.startswith("No space left on device: RESOURCE_EXHAUSTED") and len(line) < 400
+    said = ValueError("[Errno 28] No space left on device [os_error_code=28]")
+    assert checkpoint._short(said).count("No space left") == 1  # not said twice
