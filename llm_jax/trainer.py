@@ -312,6 +312,7 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
             dt = timer.per_step(done, m)  # the first interval includes compiling
             record = metrics.train_record(jax.device_get(m), tokens_per_step / dt, dt,
                                           flops_tok, peak)
+            record["peak_flops"] = peak  # MFU's denominator, which a pause may raise
             record["peak_host_mem_mb"] = host_memory.peak_rss_mb()
             if config.model.family == "decoder":  # counted by the next-token pipeline
                 record.update(doc_stats.snapshot())
@@ -333,6 +334,8 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
                                        f"{done} is saved in {workdir}; rerun to continue")
         if paused:  # keep eval and saving out of tokens/s
             jax.block_until_ready(state)
+            if done < t.steps:  # a drifting VM's later steps: see remeasure_peak
+                peak = metrics.remeasure_peak(peak, peak_src, tr.model_cfg.dtype)
             timer.restart(done)
         log.update(1)
     check_finite()

@@ -37,6 +37,7 @@ def test_tiny_run_learns_and_writes_metrics_events_checkpoints(tiny_run):
     for rec in train_recs:
         assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu",
                 "peak_host_mem_mb"} <= set(rec)
+        assert rec["peak_flops"] == 1e11  # configured: never re-measured
         assert 100 < rec["peak_host_mem_mb"] < 64_000  # MB, not KB or bytes
     for rec in eval_recs:
         assert {"step", "loss", "perplexity", "bits_per_byte"} <= set(rec)
@@ -47,6 +48,24 @@ def test_tiny_run_learns_and_writes_metrics_events_checkpoints(tiny_run):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["15", "30"]
     assert json.loads((workdir / "config.json").read_text())["train"]["seed"] == 3
     assert "final validation bits per byte" in r.stdout and "gzip -9" in r.stdout
+
+
+def test_a_measured_peak_is_raised_at_pauses_and_later_mfu_uses_it(tmp_path, monkeypatch,
+                                                                   data_cfg):  # noqa: F811
+    from llm_jax import metrics, overrides, trainer
+    cfg = overrides.load("configs/tiny.py")
+    cfg.data.data_dir = data_cfg.data_dir
+    cfg.train.update(steps=20, eval_every=5, checkpoint_every=10, peak_flops=0.0)
+    monkeypatch.setattr(metrics, "peak_flops", lambda configured, dtype: (1e9, "measured"))
+    remeasured = iter([5e8, 2e9, 3e9])  # at the pauses after steps 5, 10 and 15
+    monkeypatch.setattr(metrics, "measure_cpu_peak", lambda dtype, **_: next(remeasured))
+    trainer.run(cfg, str(tmp_path))
+    recs = [x for x in records(tmp_path) if x["split"] == "train"]
+    flops = trainer.Trainer(cfg, str(tmp_path)).flops_per_token()
+    assert [(x["step"], x["peak_flops"]) for x in recs] == [
+        (1, 1e9), (5, 1e9), (10, 1e9), (15, 2e9), (20, 3e9)]  # a slower reading is not kept
+    for x in recs:
+        assert x["mfu"] == pytest.approx(x["tokens_per_sec"] * flops / x["peak_flops"])
 
 
 def test_rerun_continues_from_the_checkpoint(tiny_run, data_cfg):  # noqa: F811

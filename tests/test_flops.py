@@ -89,3 +89,16 @@ def test_cpu_peak_is_the_faster_matmul(monkeypatch, bf16, f32, peak, source):
     assert metrics.peak_flops(0, jnp.bfloat16) == (peak, source)
     assert metrics.peak_flops(0, jnp.float32) == (f32, "measured")
     assert metrics.peak_flops(123e9, jnp.bfloat16) == (123e9, "config")
+
+
+def test_remeasured_peak_uses_the_dtype_that_won_and_leaves_given_peaks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(metrics, "measure_cpu_peak",
+                        lambda dtype, **_: calls.append(jnp.dtype(dtype)) or 200e9)
+    f32_won = "measured f32, faster than bfloat16 on this CPU"
+    assert metrics.remeasure_peak(150e9, f32_won, jnp.bfloat16) == 200e9
+    assert metrics.remeasure_peak(250e9, "measured", jnp.bfloat16) == 250e9  # slower: kept
+    assert calls == [jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)]
+    assert metrics.remeasure_peak(1e11, "config", jnp.bfloat16) == 1e11
+    assert metrics.remeasure_peak(989e12, "NVIDIA H200", jnp.bfloat16) == 989e12
+    assert len(calls) == 2  # given peaks are never measured
