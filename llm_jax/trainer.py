@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from llm_jax import (
     checkpoint,
@@ -300,6 +301,8 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
 
     for step in range(start, t.steps):
         batch = next(data_iter)
+        if step == start and jax.process_count() > 1:
+            compile_then_meet(train_fn, state, batch, eval_fn, eval_global[:1])
         state, m = train_fn(state, batch)
         check_finite()  # the previous step's: checking one step late keeps dispatch async
         done, pending = step + 1, (m, step + 1)
@@ -364,6 +367,18 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
     if tr.is_main and start < t.steps and (note := host_memory_note(train_fn, state, batch)):
         print(f"note: {note}", flush=True)
     return final
+
+
+def compile_then_meet(train_fn: Any, state: Any, batch: Any, eval_fn: Any,
+                      eval_batches: list[Any], timeout_s: int = 3600) -> None:
+    """Compiles the train and eval steps (jit keeps them), then waits for every process at
+    the coordination service. A step's first collective gives all processes 30 s (gloo's
+    fixed timeout on CPU) to arrive, and one compiling slower on a busy host missed it."""
+    train_fn.lower(state, batch).compile()
+    for b in eval_batches:
+        eval_fn.lower(state.params, b).compile()
+    ocp.multihost.get_barrier_sync_fn()(key="llm_jax_steps_compiled",
+                                        timeout_ms=timeout_s * 1000)
 
 
 def host_memory_note(train_fn: Any, state: Any, batch: Any) -> str | None:

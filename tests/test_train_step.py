@@ -226,3 +226,34 @@ def test_document_mask_off_is_refused_outside_decoders():
     c.model.family, c.task.objective = "encoder", "mlm"
     with pytest.raises(ConfigError, match="document_mask=False applies to decoders only"):
         config_lib.validate(c)
+
+
+def test_steps_compiled_before_the_processes_meet_are_not_compiled_again(monkeypatch, caplog):
+    """Multi-process runs compile the train and eval steps, then meet at a barrier; the
+    loop's first calls must reuse those executables, or a process would compile after the
+    meeting and its peers' first collective would time out again."""
+    import logging
+
+    import orbax.checkpoint as ocp
+
+    from llm_jax.data import pipeline
+    c = tiny_config()
+    tr = trainer.Trainer(c, "", vocab_size=128)
+    met = []
+    monkeypatch.setattr(ocp.multihost, "get_barrier_sync_fn", lambda: lambda **kw: met.append(kw))
+    batches = synthetic_batches(2, c.train.batch_size, config=c)
+    with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules):
+        state, state_sh, _ = trainer.init_state(tr.model, tr.tx, tr.example, 0, tr.mesh,
+                                                tr.rules)
+        train_fn = trainer.jit_train_step(tr.model, tr.objective, tr.tx, tr.lr, c.train,
+                                          state_sh, tr.batch_sh)
+        eval_fn = trainer.jit_eval_step(tr.model, tr.objective, np.ones(128), state_sh.params,
+                                        tr.batch_sh)
+        train_b, eval_b = (pipeline.to_global(b, tr.batch_sh, c.train.batch_size)
+                           for b in batches)
+        trainer.compile_then_meet(train_fn, state, train_b, eval_fn, [eval_b])
+        assert [kw["key"] for kw in met] == ["llm_jax_steps_compiled"]
+        with jax.log_compiles(), caplog.at_level(logging.WARNING):
+            state, _ = train_fn(state, train_b)
+            jax.block_until_ready(eval_fn(state.params, eval_b))
+    assert not [r.getMessage()[:80] for r in caplog.records if "Compiling" in r.getMessage()]
