@@ -4,7 +4,7 @@ On a shared VM whose speed drifts by ±10% over an hour, separate benchmark runs
 resolve a few-% change; two compiled steps timed in alternating rounds (ABBA...) drift
 together. A/A runs of bench_small read -1.1% to +1.4% with 8 rounds, +0.5% and +1.1% with
 20 (the default); one 8-round run read +8.1% for a change that 20-round runs put at +0.5%
-and +0.6% (README, Performance): a difference inside about ±2% is noise.
+and +0.6% (README.md here): a difference inside about ±2% is noise.
 
     python benchmarks/ab_step.py --config configs/bench_small.py \
         --b model.document_mask=true [--xla xla_cpu_ftz=true] [--rounds 20] [--steps 4]

@@ -3,7 +3,7 @@
 `head_sums` scores hidden states against a [vocab, embed] head without keeping the logits:
 on CPU it runs over chunks of tokens and computes the head's gradients in the forward pass,
 so the [tokens, vocab] logits never reach memory and no transposed copy of them is made
-(1.4-2x faster than logits + softmax on XLA:CPU; README, Performance). Elsewhere it is the
+(1.4-2x faster than logits + softmax on XLA:CPU; benchmarks/README.md). Elsewhere it is the
 plain logits path, which XLA fuses well on GPU and TPU.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 XLA:CPU multiplies bf16 natively only with avx512_bf16 or amx_bf16 (~10x the bf16 speed
 of an AVX2-only host); elsewhere its bf16 dots run slower than f32 ones (an AVX2-only AMD
-EPYC: 86-106 vs. 126-175 GFLOP/s; README, Performance), so the model's CPU dots take such
+EPYC: 86-106 vs. 126-175 GFLOP/s; benchmarks/README.md), so the model's CPU dots take such
 operands in f32 there (`layers.cpu_dot_operands`).
 """
 from __future__ import annotations

@@ -4,15 +4,15 @@ XLA:CPU allocates each step's temporaries (hundreds of MB) and outputs afresh. g
 large blocks with mmap and unmaps them on free, so every step faults all of that memory in
 again, a page at a time: a train step spent ~10% in the kernel, and a matmul writing a new
 25 MB output ran 2.5x slower. One arena that never uses mmap and never trims keeps the
-pages mapped (bench_small without remat: 4,100 -> 5,100-5,400 tokens/s; README,
-Performance). One, not glibc's 8 per core: a thread's own arena cannot serve a block over
+pages mapped (bench_small without remat: 4,100 -> 5,100-5,400 tokens/s;
+benchmarks/README.md). One, not glibc's 8 per core: a thread's own arena cannot serve a block over
 64 MB without mmap (with 2 arenas, runs were 4,100 or 5,100 by chance).
 The cost: the process keeps its peak host memory, several times a step's temporaries: XLA
 allocates the next step's a moment before it frees the last one's, and glibc 2.36's
 posix_memalign wants 96 bytes more than the freed block, so the heap cycles through 3-5 such
 blocks (tcmalloc, by LD_PRELOAD, holds ~2; so does glibc with its per-thread cache off,
 GLIBC_TUNABLES=glibc.malloc.tcache_count=0, which lets memalign's freed slivers merge again:
-README, Performance). Hosts with an accelerator keep glibc's defaults (their step buffers
+benchmarks/README.md). Hosts with an accelerator keep glibc's defaults (their step buffers
 live on the device); LLM_JAX_MALLOC=0 or 1 forces the choice.
 It must run before JAX starts its threads, so `llm_jax/__init__.py` calls it.
 """
@@ -83,4 +83,4 @@ def allocator_hint(peak_mb: float, temp_mb: float) -> str | None:
         return None
     return (f"host memory peaked at {peak_mb:,.0f} MB for {temp_mb:,.0f} MB of step "
             "temporaries; start the process with GLIBC_TUNABLES=glibc.malloc.tcache_count=0 "
-            "(or tcmalloc by LD_PRELOAD) to hold about half that (README, Performance)")
+            "(or tcmalloc by LD_PRELOAD) to hold about half that (benchmarks/README.md)")

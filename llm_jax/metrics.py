@@ -63,7 +63,7 @@ def flops_per_token(cfg: ModelConfig, family: str, seq_len: int, target_len: int
 
     Attention scores count the whole T×T matrix whether causal or bidirectional, as PaLM's
     6N + 12·L·H·Q·T does (the CPU attention skips most of the masked half: 4% of
-    bench_small's FLOPs, README Performance).
+    bench_small's FLOPs, benchmarks/README.md).
     """
     hd = cfg.num_heads * cfg.head_dim
     if family == "encoder_decoder":

@@ -79,7 +79,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
 def test_allocator_hint_only_where_a_tunable_would_halve_the_peak(monkeypatch):
     """bench_small f32 under glibc: 7.8 GB for 1.38 GB of temporaries, 3.7 GB with the
-    per-thread cache off (README, Performance)."""
+    per-thread cache off (benchmarks/README.md)."""
     monkeypatch.setenv("LLM_JAX_MALLOC", "1")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("LD_PRELOAD", raising=False)

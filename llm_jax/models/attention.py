@@ -2,7 +2,7 @@
 
 Attention is softmax(QKᵀ/√d_k)V. On GPU and TPU it is `jax.nn.dot_product_attention`, with
 cuDNN flash attention on NVIDIA GPUs; on CPU it is our own with a FlashAttention-style
-backward, which XLA:CPU runs faster (README, Performance).
+backward, which XLA:CPU runs faster (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def _attention_cpu(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1) -
 def _unroll(q: Array) -> bool:
     """Whether the head loop runs unrolled, the heads' results stacked once at the end: for
     f32 inputs, whose heads' dots XLA:CPU then runs side by side faster (+14% for f32
-    bench_small on an AVX2-only host; README, Performance). Written into one array head by
+    bench_small on an AVX2-only host; benchmarks/README.md). Written into one array head by
     head instead, XLA:CPU read each element of dQ through the chain of updates (~18 ms per
     bench_small layer). 16-bit heads run one at a time in a loop."""
     return q.dtype == jnp.float32
@@ -170,7 +170,7 @@ def _unroll(q: Array) -> bool:
 
 def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, blocks: int = 1):
     inputs, out_dtype = (q, k, v), q.dtype
-    q, k, v = cpu_dot_operands(q, k, v)  # once per call, not per head (README, Performance)
+    q, k, v = cpu_dot_operands(q, k, v)  # once per call, not per head (benchmarks/README.md)
     heads, group = q.shape[2], q.shape[2] // k.shape[2]
     m = mask[:, 0]
     spans = _spans(q.shape[1], k.shape[1], blocks)
@@ -279,7 +279,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Packed | N
 
     `implementation` None picks per platform: cuDNN on NVIDIA GPUs where it applies
     (`cudnn_applies`), on CPU a version with a hand-written, FlashAttention-style backward
-    (faster on XLA:CPU, README Performance), elsewhere `jax.nn.dot_product_attention`'s
+    (faster on XLA:CPU, benchmarks/README.md), elsewhere `jax.nn.dot_product_attention`'s
     XLA path; 'xla' or 'cudnn' force that one. A query row whose
     mask hides every key averages V as the library does, except that causal CPU attention
     in query blocks (`causal_blocks`) averages only the keys up to its block's end (the

@@ -97,7 +97,7 @@ def _contract(a: Array, b: Array, a_dims: tuple[int, ...], b_dims: tuple[int, ..
     split ("outer" or "inner") first reshapes a single contracted dim n into (16, n/16) or
     (n/16, 16), a free reshape of row-major arrays: XLA:CPU runs a bf16 dot that contracts
     two dims 2-2.5x faster than the same dot over one long dim, and an f32 step 9% faster
-    on an AVX2-only host (README, Performance).
+    on an AVX2-only host (benchmarks/README.md).
     "inner" keeps a sharded batch dim's shards whole.
     """
     assert batch <= min(a_dims + b_dims), (batch, a_dims, b_dims)  # batch dims lead
@@ -123,7 +123,7 @@ def _w_dims(w: Array, n_in: int, w_in_last: bool) -> tuple[tuple[int, ...], tupl
 def cpu_dot_operands(*xs: Array) -> tuple[Array, ...]:
     """xs as operands of a dot on this host's CPU: a 16-bit float type it has no native dot
     for (bf16 without avx512_bf16 or amx_bf16) goes in as f32, which XLA:CPU multiplies
-    1.3x faster on an AVX2-only host (README, Performance). A product of two 16-bit floats is
+    1.3x faster on an AVX2-only host (benchmarks/README.md). A product of two 16-bit floats is
     exact in f32, so only the order of the f32 sums changes."""
     return tuple(x.astype(host_cpu.dot_dtype(x.dtype)) for x in xs)
 
@@ -214,7 +214,7 @@ def project(x: Array, w: Array, bias: Array | None, n_in: int, dtype: Any,
 def activation(z: Array, fn: Callable[[Array], Array], dtype: Any) -> Array:
     """fn(z) computed in f32, returned in `dtype`; the backward recomputes fn's derivative
     from a `dtype` copy of z. XLA:CPU runs bf16 elementwise math ~3x slower than f32, and
-    autodiff of fn in f32 would keep f32 residuals (README, Performance)."""
+    autodiff of fn in f32 would keep f32 residuals (benchmarks/README.md)."""
     return fn(z.astype(jnp.float32)).astype(dtype)
 
 
