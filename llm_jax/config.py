@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.max_to_keep = 3
     t.keep_every = 0  # also keep every K-th step's checkpoint (milestones); 0: off
     t.on_nonfinite = "stop"  # stop | skip
-    t.peak_flops = 0.0  # FLOP/s of the whole host for MFU on CPU; 0: measure at start
+    t.peak_flops = 0.0  # FLOP/s of the host for MFU on CPU; 0: measure (start, evals)
     t.progress = "auto"  # auto (bar on a terminal) | bar | lines
     t.compilation_cache_dir = "~/.cache/llm_jax/xla"  # persistent XLA cache; "": off
     t.init_from = ""  # a pretrained run's workdir: start from its matching parameters

@@ -302,7 +302,8 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
     for step in range(start, t.steps):
         batch = next(data_iter)
         if step == start and jax.process_count() > 1:
-            compile_then_meet(train_fn, state, batch, eval_fn, eval_global[:1])
+            compile_then_meet(eval_fn, state.params, eval_global[:1], start,
+                              train=(train_fn, state, batch))
         state, m = train_fn(state, batch)
         check_finite()  # the previous step's: checking one step late keeps dispatch async
         done, pending = step + 1, (m, step + 1)
@@ -324,6 +325,8 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
         paused = False
         if done % t.eval_every == 0 and done != t.steps:
             _write_eval(writer, log, done, evaluate.run_eval(eval_fn, state.params, periodic))
+            # before a save's background writes start, which would slow the matmul
+            peak = metrics.remeasure_peak(peak, peak_src, tr.model_cfg.dtype)
             paused = True
         stop = watcher.should_stop(done)
         if done % t.checkpoint_every == 0 or done == t.steps or stop:
@@ -337,14 +340,14 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
                                        f"{done} is saved in {workdir}; rerun to continue")
         if paused:  # keep eval and saving out of tokens/s
             jax.block_until_ready(state)
-            if done < t.steps:  # a drifting VM's later steps: see remeasure_peak
-                peak = metrics.remeasure_peak(peak, peak_src, tr.model_cfg.dtype)
             timer.restart(done)
         log.update(1)
     check_finite()
     log.close()
     ckpt.wait()
 
+    if start >= t.steps and jax.process_count() > 1:  # a finished run, rerun: eval only
+        compile_then_meet(eval_fn, state.params, eval_global[:1], start)
     final = evaluate.run_eval(eval_fn, state.params, eval_global)
     if config.task.objective == "seq2seq" and config.task.bleu_examples:
         final.update(generate.bleu_eval(tr, state.params))
@@ -369,15 +372,20 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
     return final
 
 
-def compile_then_meet(train_fn: Any, state: Any, batch: Any, eval_fn: Any,
-                      eval_batches: list[Any], timeout_s: int = 3600) -> None:
-    """Compiles the train and eval steps (jit keeps them), then waits for every process at
-    the coordination service. A step's first collective gives all processes 30 s (gloo's
-    fixed timeout on CPU) to arrive, and one compiling slower on a busy host missed it."""
-    train_fn.lower(state, batch).compile()
+def compile_then_meet(eval_fn: Any, params: Any, eval_batches: list[Any], start: int,
+                      train: tuple[Any, Any, Any] | None = None,
+                      timeout_s: int = 3600) -> None:
+    """Compiles the eval step and, given (train_fn, state, batch), the train step (jit keeps
+    both), then waits for every process at the coordination service. A step's first
+    collective gives all processes 30 s (gloo's fixed timeout on CPU) to arrive, and one
+    compiling slower on a busy host missed it. (BLEU's decoding, compiled after the final
+    eval, has no such meeting.)"""
+    if train is not None:
+        train_fn, state, batch = train
+        train_fn.lower(state, batch).compile()
     for b in eval_batches:
-        eval_fn.lower(state.params, b).compile()
-    ocp.multihost.get_barrier_sync_fn()(key="llm_jax_steps_compiled",
+        eval_fn.lower(params, b).compile()
+    ocp.multihost.get_barrier_sync_fn()(key=f"llm_jax_steps_compiled_{start}",
                                         timeout_ms=timeout_s * 1000)
 
 

@@ -55,9 +55,11 @@ def test_a_measured_peak_is_raised_at_pauses_and_later_mfu_uses_it(tmp_path, mon
     from llm_jax import metrics, overrides, trainer
     cfg = overrides.load("configs/tiny.py")
     cfg.data.data_dir = data_cfg.data_dir
-    cfg.train.update(steps=20, eval_every=5, checkpoint_every=10, peak_flops=0.0)
+    cfg.data.eval_split = "validation[:5%]"  # the final eval: 2 s, not 15
+    cfg.train.update(steps=20, eval_every=5, checkpoint_every=10, peak_flops=0.0,
+                     compilation_cache_dir="")  # leave this worker's jax config alone
     monkeypatch.setattr(metrics, "peak_flops", lambda configured, dtype: (1e9, "measured"))
-    remeasured = iter([5e8, 2e9, 3e9])  # at the pauses after steps 5, 10 and 15
+    remeasured = iter([5e8, 2e9, 3e9])  # after the evals at steps 5, 10 and 15, not 20
     monkeypatch.setattr(metrics, "measure_cpu_peak", lambda dtype, **_: next(remeasured))
     trainer.run(cfg, str(tmp_path))
     recs = [x for x in records(tmp_path) if x["split"] == "train"]

@@ -239,8 +239,9 @@ def test_steps_compiled_before_the_processes_meet_are_not_compiled_again(monkeyp
     from llm_jax.data import pipeline
     c = tiny_config()
     tr = trainer.Trainer(c, "", vocab_size=128)
-    met = []
-    monkeypatch.setattr(ocp.multihost, "get_barrier_sync_fn", lambda: lambda **kw: met.append(kw))
+    events = []
+    monkeypatch.setattr(ocp.multihost, "get_barrier_sync_fn",
+                        lambda: lambda key, timeout_ms: events.append(key))
     batches = synthetic_batches(2, c.train.batch_size, config=c)
     with jax.set_mesh(tr.mesh), nn.logical_axis_rules(tr.rules):
         state, state_sh, _ = trainer.init_state(tr.model, tr.tx, tr.example, 0, tr.mesh,
@@ -251,8 +252,15 @@ def test_steps_compiled_before_the_processes_meet_are_not_compiled_again(monkeyp
                                         tr.batch_sh)
         train_b, eval_b = (pipeline.to_global(b, tr.batch_sh, c.train.batch_size)
                            for b in batches)
-        trainer.compile_then_meet(train_fn, state, train_b, eval_fn, [eval_b])
-        assert [kw["key"] for kw in met] == ["llm_jax_steps_compiled"]
+        compiled = lambda event, secs, **_: events.append("compile") if event == \
+            "/jax/core/compile/backend_compile_duration" else None  # noqa: E731
+        jax.monitoring.register_event_duration_secs_listener(compiled)
+        try:
+            trainer.compile_then_meet(eval_fn, state.params, [eval_b], 7,
+                                      train=(train_fn, state, train_b))
+        finally:
+            jax.monitoring.unregister_event_duration_listener(compiled)
+        assert events == ["compile", "compile", "llm_jax_steps_compiled_7"]  # then meet
         with jax.log_compiles(), caplog.at_level(logging.WARNING):
             state, _ = train_fn(state, train_b)
             jax.block_until_ready(eval_fn(state.params, eval_b))
