@@ -212,6 +212,7 @@ def train_record(m: dict[str, Any], tokens_per_sec: float, step_time: float,
             "update_norm": float(m["update_norm"]), "tokens_per_sec": tokens_per_sec,
             "step_time_s": step_time,
             "mfu": tokens_per_sec * flops_per_tok / peak if peak else 0.0,
+            "peak_flops": peak,  # MFU's denominator, which an eval may raise on CPU
             "skipped_steps": float(m["skipped_steps"]),
             **{k: float(v) for k, v in m.items() if k.endswith("accuracy") or
                (k.endswith("_loss") and k != "loss")}}

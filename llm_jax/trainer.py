@@ -316,7 +316,6 @@ def _train(tr: Trainer, ckpt: checkpoint.Checkpointer, watcher: preemption.Watch
             dt = timer.per_step(done, m)  # the first interval includes compiling
             record = metrics.train_record(jax.device_get(m), tokens_per_step / dt, dt,
                                           flops_tok, peak)
-            record["peak_flops"] = peak  # MFU's denominator, which an eval may raise
             record["peak_host_mem_mb"] = host_memory.peak_rss_mb()
             if config.model.family == "decoder":  # counted by the next-token pipeline
                 record.update(doc_stats.snapshot())
